@@ -1,0 +1,125 @@
+"""What a jail runtime offers the rest of Coppice, independent of the backend (Linux, FreeBSD)."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class User:
+    """A user as the sandbox's own /etc/passwd and /etc/group describe it."""
+
+    name: str
+    uid: int
+    gid: int
+    home: str
+    groups: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of one sandbox; None means unlimited."""
+
+    memory_bytes: int | None = 512 * 1024 * 1024
+    cpu_millicores: int | None = 2000
+    pids: int | None = 512
+
+
+@dataclass(frozen=True)
+class ExecSpec:
+    """One process to start inside a jail. Paths are as seen inside the jail."""
+
+    argv: Sequence[str]
+    user: User
+    cwd: str
+    env: Mapping[str, str] = field(default_factory=dict)
+    # (rows, cols) to run on a new pseudo-terminal as its controlling tty; None for pipes.
+    pty: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How a process ended: exit_code is -signal when killed by a signal (as Go reports it)."""
+
+    exit_code: int
+    signal: int | None = None
+
+    @property
+    def exited(self) -> bool:
+        return self.signal is None
+
+
+@dataclass(frozen=True)
+class JailStats:
+    cpu_usage_usec: int
+    memory_bytes: int
+    memory_limit_bytes: int | None
+    pids: int
+
+
+class JailProcess(abc.ABC):
+    """A process running in a jail. The caller owns the file descriptors it is given."""
+
+    pid: int  # as seen inside the jail
+    # Pipe ends for stdin (write), stdout and stderr (read); or a PTY master (read/write).
+    stdin_fd: int | None
+    stdout_fd: int | None
+    stderr_fd: int | None
+    pty_fd: int | None
+
+    @abc.abstractmethod
+    async def wait(self) -> ExitStatus: ...
+
+    @abc.abstractmethod
+    async def signal(self, signum: int) -> None: ...
+
+
+class Jail(abc.ABC):
+    """A running jail: a confined process tree on a sandbox root."""
+
+    sandbox_id: str
+    root: Path  # host path of the sandbox's root filesystem
+    handle: str  # backend reference stored in the registry to re-attach after a restart
+
+    @abc.abstractmethod
+    async def exec(self, spec: ExecSpec) -> JailProcess: ...
+
+    @abc.abstractmethod
+    async def freeze(self) -> None: ...
+
+    @abc.abstractmethod
+    async def thaw(self) -> None: ...
+
+    @abc.abstractmethod
+    async def stats(self) -> JailStats: ...
+
+    @abc.abstractmethod
+    def is_alive(self) -> bool: ...
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Kill every process of the jail and release its resources (cgroups, sockets)."""
+
+
+class Runtime(abc.ABC):
+    """Starts jails and finds them again after a service restart."""
+
+    name: str
+
+    @abc.abstractmethod
+    async def start(self, sandbox_id: str, root: Path, limits: Limits) -> Jail: ...
+
+    @abc.abstractmethod
+    async def attach(self, sandbox_id: str, root: Path, handle: str) -> Jail | None:
+        """The live jail for a stored handle, or None if it is gone."""
+
+    @abc.abstractmethod
+    async def list_jails(self) -> list[str]:
+        """Sandbox ids of every jail (or leftover of one, e.g. a cgroup) this runtime can see."""
+
+    @abc.abstractmethod
+    async def destroy_leftover(self, sandbox_id: str) -> None:
+        """Kill and clean up a jail that no record owns."""

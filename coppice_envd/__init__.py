@@ -1,0 +1,1 @@
+"""The Coppice gateway: one listener serving envd and the code interpreter for every sandbox."""

@@ -1,0 +1,1 @@
+# Generated package for proto/filesystem: do not edit; run scripts/gen.

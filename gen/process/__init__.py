@@ -1,0 +1,1 @@
+# Generated package for proto/process: do not edit; run scripts/gen.

@@ -1,0 +1,82 @@
+# Shared, idempotent setup for scripts/serve and scripts/test (sourced, not run).
+# Installs what Coppice needs on a Debian 12 machine: system packages (as root), a .venv with the
+# project, and with `dev` the test tools (pip dev extras, npm SDKs and buf).
+set -euo pipefail
+
+COPPICE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${COPPICE_VENV:-$COPPICE_ROOT/.venv}"
+
+log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
+
+apt_install() {
+    # Install only the Debian packages whose command or file is missing.
+    local missing=()
+    while [ $# -gt 0 ]; do
+        local probe="$1" pkg="$2"; shift 2
+        if [[ "$probe" == /* ]]; then [ -e "$probe" ] || missing+=("$pkg")
+        else command -v "$probe" >/dev/null 2>&1 || missing+=("$pkg"); fi
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" -ne 0 ]; then
+        log "missing system packages: ${missing[*]} (run as root to install them)"; return 1
+    fi
+    log "apt-get install ${missing[*]}"
+    if [ ! -f /var/lib/coppice-apt-updated ] || [ -n "$(find /var/lib/apt/lists -maxdepth 0 -mmin +1440 2>/dev/null)" ]; then
+        apt-get update -qq && mkdir -p /var/lib && touch /var/lib/coppice-apt-updated
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+}
+
+setup_system() {
+    # command-or-path  package
+    apt_install \
+        zfs zfs-fuse  zpool zfs-fuse  debootstrap debootstrap  unshare util-linux \
+        nsenter util-linux  ip iproute2  cc gcc  /usr/include/stdio.h libc6-dev \
+        mount mount  tar tar  gzip gzip  /etc/ssl/certs/ca-certificates.crt ca-certificates
+    if [ "${1:-}" = dev ]; then
+        apt_install node nodejs  npm npm  dnsmasq dnsmasq-base  git git
+    fi
+}
+
+pick_python() {
+    local py
+    for py in "${PYTHON:-}" python3.13 python3.12 python3.11 python3; do
+        [ -n "$py" ] || continue
+        if command -v "$py" >/dev/null 2>&1 && "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+            echo "$py"; return 0
+        fi
+    done
+    log "Python >= 3.11 not found"; return 1
+}
+
+setup_venv() {
+    local extra="${1:-}" py hash current
+    py="$(pick_python)"
+    if [ ! -x "$VENV/bin/python" ]; then
+        log "creating $VENV with $py"
+        if ! "$py" -m venv "$VENV" 2>/dev/null; then
+            rm -rf "$VENV"; apt_install /usr/share/doc/python3-venv python3-venv; "$py" -m venv "$VENV"
+        fi
+    fi
+    # Reinstall only when pyproject.toml changed, or when dev extras are wanted and missing.
+    hash="$(sha256sum "$COPPICE_ROOT/pyproject.toml" | cut -c1-16)"
+    current="$(cat "$VENV/.coppice-installed" 2>/dev/null || true)"
+    if [ "$current" != "$hash-${extra:-base}" ] && [ "$current" != "$hash-dev" ]; then
+        log "pip install -e .${extra:+[$extra]} (progress below)"
+        "$VENV/bin/python" -m pip install -q --upgrade pip >&2
+        "$VENV/bin/python" -m pip install --progress-bar on -e "$COPPICE_ROOT${extra:+[$extra]}" >&2
+        echo "$hash-${extra:-base}" > "$VENV/.coppice-installed"
+    fi
+}
+
+setup_node() {
+    # The official Node SDKs and buf, for the tests (tests/node/package.json).
+    local dir="$COPPICE_ROOT/tests/node" stamp want
+    want="$(sha256sum "$dir/package.json" | cut -c1-16)"
+    stamp="$dir/node_modules/.coppice-installed"
+    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+        log "npm install (tests/node: e2b, @e2b/code-interpreter, @bufbuild/buf)"
+        (cd "$dir" && npm install --no-audit --no-fund --loglevel=error >&2)
+        echo "$want" > "$stamp"
+    fi
+}
