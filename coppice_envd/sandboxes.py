@@ -1,0 +1,33 @@
+"""What the gateway needs to know about a live sandbox, independent of how it is stored or run."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from coppice_api.jails.runtime.base import Jail
+
+
+@dataclass(frozen=True)
+class SandboxView:
+    """A live sandbox as the gateway serves it."""
+
+    sandbox_id: str
+    jail: Jail  # exec, and `jail.root` for confined file operations
+    access_token: str | None  # None: the sandbox is not secured
+    default_user: str = "user"
+    default_workdir: str | None = None
+    env_vars: Mapping[str, str] = field(default_factory=dict)
+
+
+class SandboxLookup(abc.ABC):
+    """Finds live sandboxes for request routing (the registry implements this for `serve`)."""
+
+    @abc.abstractmethod
+    def get(self, sandbox_id: str) -> SandboxView | None:
+        """The running sandbox with this id, or None (unknown, killed or paused)."""
+
+    @abc.abstractmethod
+    def most_recent(self) -> SandboxView | None:
+        """The most recently started running sandbox, for requests whose Host names none."""
