@@ -1,0 +1,16 @@
+"""The `coppice` console script that the venv installs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+COPPICE = Path(sys.executable).parent / "coppice"
+
+
+def test_help_lists_the_subcommands() -> None:
+    result = subprocess.run([COPPICE, "--help"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    for subcommand in ("serve", "template", "sandbox", "env"):
+        assert f"    {subcommand} " in result.stdout, f"{subcommand!r} missing:\n{result.stdout}"
