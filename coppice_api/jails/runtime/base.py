@@ -8,6 +8,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+class JailError(Exception):
+    """A jail could not be started, entered or managed."""
+
+
+class ExecError(JailError):
+    """A process could not be started in a jail (no such program, bad cwd, ...)."""
+
+    def __init__(self, errno: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class ProcessNotFound(JailError):
+    """No process with that pid runs in the jail (any more)."""
+
+
 @dataclass(frozen=True)
 class User:
     """A user as the sandbox's own /etc/passwd and /etc/group describe it."""
@@ -74,7 +90,8 @@ class JailProcess(abc.ABC):
     async def wait(self) -> ExitStatus: ...
 
     @abc.abstractmethod
-    async def signal(self, signum: int) -> None: ...
+    async def signal(self, signum: int) -> None:
+        """ProcessNotFound if the process has ended."""
 
 
 class Jail(abc.ABC):
@@ -85,7 +102,12 @@ class Jail(abc.ABC):
     handle: str  # backend reference stored in the registry to re-attach after a restart
 
     @abc.abstractmethod
-    async def exec(self, spec: ExecSpec) -> JailProcess: ...
+    async def exec(self, spec: ExecSpec) -> JailProcess:
+        """Start a process; ExecError if it cannot be started (nothing is left running then)."""
+
+    @abc.abstractmethod
+    async def signal(self, pid: int, signum: int) -> None:
+        """Send a signal to a process of the jail by its in-jail pid; ProcessNotFound if none."""
 
     @abc.abstractmethod
     async def freeze(self) -> None: ...
