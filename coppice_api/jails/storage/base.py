@@ -3,14 +3,82 @@
 from __future__ import annotations
 
 import abc
+import asyncio
+import os
+import re
+from collections.abc import Sequence
 from pathlib import Path
+
+# Template names and sandbox ids: one path component / dataset name component, DNS-label-ish.
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 
 
 class StorageError(Exception):
     pass
 
 
+class CommandFailed(StorageError):
+    """An external command (zfs, cp, ...) exited non-zero; the message carries its stderr."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, stderr: str) -> None:
+        self.argv = tuple(argv)
+        self.returncode = returncode
+        self.stderr = stderr
+        super().__init__(f"`{' '.join(argv)}` failed (exit {returncode}): {stderr.strip()}")
+
+
+def check_name(kind: str, name: str) -> str:
+    """Return `name` if it is a valid template name or sandbox id, else raise StorageError."""
+    if not _NAME.fullmatch(name) or ".." in name:
+        raise StorageError(
+            f"invalid {kind} name {name!r}: "
+            "use 1-63 of [a-z0-9._-], starting with [a-z0-9], no '..'"
+        )
+    return name
+
+
+async def run_command(*argv: str) -> str:
+    """Run a command without blocking the event loop; return stdout or raise CommandFailed."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except FileNotFoundError as e:
+        raise StorageError(f"`{argv[0]}` is not installed: {e}") from e
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise CommandFailed(argv, proc.returncode or -1, err.decode(errors="replace"))
+    return out.decode(errors="replace")
+
+
+def pid_is_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (used to tell leftovers of dead builders)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def leftover_owner_is_dead(entry_name: str) -> bool:
+    """Work entries are named `<pid>-<name>`; true when that pid no longer runs."""
+    pid, _, _ = entry_name.partition("-")
+    return not pid.isdigit() or not pid_is_alive(int(pid))
+
+
 class Storage(abc.ABC):
+    """Template names and sandbox ids must pass `check_name` (backends raise StorageError).
+
+    Every backend keeps in-progress work out of sight: a template becomes visible (has_template,
+    list_templates) only once complete, and leftovers of interrupted work (by a process that
+    has died) are removed the next time the storage is used.
+    """
+
     name: str
 
     # Templates -----------------------------------------------------------------------------
@@ -20,7 +88,11 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def add_template(self, template: str, source: Path) -> None:
-        """Make a template from a finished root filesystem tree (moved or copied in)."""
+        """Make a template from a finished root filesystem tree.
+
+        The tree is moved in when the backend can (same filesystem) and copied otherwise, so
+        the caller must treat `source` as consumed and remove it if it still exists.
+        """
 
     @abc.abstractmethod
     async def has_template(self, template: str) -> bool: ...
@@ -29,10 +101,12 @@ class Storage(abc.ABC):
     async def list_templates(self) -> list[str]: ...
 
     @abc.abstractmethod
-    async def template_size(self, template: str) -> int: ...
+    async def template_size(self, template: str) -> int:
+        """Bytes of storage the template's files take."""
 
     @abc.abstractmethod
-    async def delete_template(self, template: str) -> None: ...
+    async def delete_template(self, template: str) -> None:
+        """Remove a template; refused (StorageError) while a sandbox or template depends on it."""
 
     # Sandboxes -----------------------------------------------------------------------------
     @abc.abstractmethod
@@ -41,7 +115,8 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def snapshot(self, sandbox_id: str, template: str) -> None:
-        """Turn the sandbox's current files into a new template (the sandbox stays usable)."""
+        """Turn the sandbox's current files into a new template (the sandbox stays usable,
+        and may be destroyed afterwards while the new template lives on)."""
 
     @abc.abstractmethod
     async def destroy(self, sandbox_id: str) -> None:

@@ -1,0 +1,281 @@
+"""ZFS storage: templates are datasets with an `@base` snapshot, sandboxes are clones of it.
+
+Layout under the parent dataset DS (same `zfs` CLI on FreeBSD, Linux OpenZFS and zfs-fuse):
+  DS/templates/NAME@base   a template (visible only once `@base` exists and the rename is done)
+  DS/sandboxes/ID          a sandbox root: `zfs clone DS/templates/NAME@base DS/sandboxes/ID`
+  DS/incoming/PID-NAME     a template being made by process PID (renamed into templates/)
+
+Snapshotting a sandbox clones `ID@base` and promotes the clone, so the new template owns the
+snapshot and the sandbox becomes its clone: the sandbox stays usable and can be destroyed
+while the template lives on, with no copy. The template keeps depending on its own parent
+template, so a parent cannot be deleted while templates (or sandboxes) made from it exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from coppice_api.jails.storage.base import (
+    CommandFailed,
+    Storage,
+    StorageError,
+    check_name,
+    leftover_owner_is_dead,
+    run_command,
+)
+
+SNAPSHOT = "base"
+# zfs-fuse answers "dataset is busy" to most first destroys of a mounted clone; retrying every
+# 50 ms after an unmount succeeds within one or two attempts (platform notes §5).
+BUSY_RETRY_SECONDS = 0.05
+BUSY_RETRY_ATTEMPTS = 100
+
+
+def _missing(error: CommandFailed) -> bool:
+    return "does not exist" in error.stderr or "could not find" in error.stderr
+
+
+def _busy(error: CommandFailed) -> bool:
+    return "busy" in error.stderr
+
+
+class ZfsStorage(Storage):
+    name = "zfs"
+
+    def __init__(self, dataset: str) -> None:
+        if not dataset or dataset.startswith("/") or dataset.endswith("/") or "@" in dataset:
+            raise StorageError(f"invalid ZFS dataset {dataset!r}: expected POOL/path")
+        self.dataset = dataset
+        self._templates = f"{dataset}/templates"
+        self._sandboxes = f"{dataset}/sandboxes"
+        self._incoming = f"{dataset}/incoming"
+        self._ready = False
+        self._ready_lock = asyncio.Lock()
+        self._sandboxes_mountpoint: Path | None = None
+
+    # Plumbing -------------------------------------------------------------------------------
+    async def _zfs(self, *args: str) -> str:
+        return await run_command("zfs", *args)
+
+    async def _ensure_ready(self) -> None:
+        """Create the parent datasets and drop leftovers of interrupted template work, once."""
+        if self._ready:
+            return
+        async with self._ready_lock:
+            if self._ready:
+                return
+            try:
+                await self._zfs("list", "-H", "-o", "name", self.dataset)
+            except CommandFailed as e:
+                raise StorageError(
+                    f"ZFS dataset {self.dataset!r} is not usable (create it first, e.g. "
+                    f"`zfs create -p {self.dataset}`): {e.stderr.strip()}"
+                ) from e
+            for child in (self._templates, self._sandboxes, self._incoming):
+                try:
+                    await self._zfs("create", "-p", child)
+                except CommandFailed as e:
+                    if "already exists" not in e.stderr:
+                        raise
+            for entry in await self._children(self._incoming):
+                if leftover_owner_is_dead(entry):
+                    await self._destroy_dataset(f"{self._incoming}/{entry}")
+            self._sandboxes_mountpoint = await self._mountpoint(self._sandboxes)
+            self._ready = True
+
+    async def _children(self, parent: str) -> list[str]:
+        out = await self._zfs("list", "-H", "-o", "name", "-t", "filesystem", "-d", "1", parent)
+        prefix = parent + "/"
+        return sorted(line[len(prefix) :] for line in out.splitlines() if line.startswith(prefix))
+
+    async def _mountpoint(self, dataset: str) -> Path:
+        value = (await self._zfs("get", "-H", "-o", "value", "mountpoint", dataset)).strip()
+        if not value.startswith("/"):
+            raise StorageError(f"dataset {dataset} has no mountpoint (mountpoint={value})")
+        return Path(value)
+
+    async def _mounted_root(self, dataset: str) -> Path:
+        mounted = (await self._zfs("get", "-H", "-o", "value", "mounted", dataset)).strip()
+        if mounted != "yes":
+            await self._zfs("mount", dataset)
+        return await self._mountpoint(dataset)
+
+    async def _retry_busy(self, dataset: str, *args: str) -> None:
+        """`zfs ARGS` on DATASET, unmounting it first and retrying while it is busy."""
+        for attempt in range(BUSY_RETRY_ATTEMPTS):
+            try:
+                await self._zfs("unmount", dataset)
+            except CommandFailed as e:
+                if _missing(e):
+                    raise
+                # "not currently mounted" and transient busy both mean: just try the command.
+            try:
+                await self._zfs(*args)
+                return
+            except CommandFailed as e:
+                if not _busy(e) or attempt == BUSY_RETRY_ATTEMPTS - 1:
+                    raise
+            await asyncio.sleep(BUSY_RETRY_SECONDS)
+
+    async def _destroy_dataset(self, dataset: str) -> None:
+        """Destroy a dataset and its snapshots; a missing dataset is already destroyed."""
+        try:
+            await self._retry_busy(dataset, "destroy", "-r", dataset)
+        except CommandFailed as e:
+            if _missing(e):
+                return
+            if "dependent clones" in e.stderr:
+                dependents = [
+                    line.strip()
+                    for line in e.stderr.splitlines()
+                    if line.strip().startswith(self.dataset + "/")
+                ]
+                raise StorageError(
+                    f"{dataset} is in use by: {', '.join(dependents) or e.stderr.strip()}"
+                ) from e
+            raise
+
+    async def _publish(self, incoming: str, template: str) -> None:
+        """Make a finished incoming dataset the template (rename needs it unmounted)."""
+        await self._zfs("set", "readonly=on", incoming)
+        target = f"{self._templates}/{template}"
+        try:
+            await self._retry_busy(incoming, "rename", incoming, target)
+        except CommandFailed as e:
+            if "exists" in e.stderr:
+                raise StorageError(f"template {template!r} already exists") from e
+            raise
+        await self._zfs("mount", target)
+
+    def _incoming_name(self, template: str) -> str:
+        return f"{self._incoming}/{os.getpid()}-{template}"
+
+    # Templates ------------------------------------------------------------------------------
+    async def template_root(self, template: str) -> Path:
+        await self._require_template(template)
+        return await self._mounted_root(f"{self._templates}/{template}")
+
+    async def add_template(self, template: str, source: Path) -> None:
+        check_name("template", template)
+        await self._ensure_ready()
+        if await self.has_template(template):
+            raise StorageError(f"template {template!r} already exists")
+        if not await asyncio.to_thread(source.is_dir):
+            raise StorageError(f"template source {source} is not a directory")
+        incoming = self._incoming_name(template)
+        await self._destroy_dataset(incoming)
+        await self._zfs("create", incoming)
+        try:
+            root = await self._mounted_root(incoming)
+            await run_command("cp", "-a", "--reflink=auto", f"{source}/.", f"{root}/")
+            await self._zfs("snapshot", f"{incoming}@{SNAPSHOT}")
+            await self._publish(incoming, template)
+        except BaseException:
+            await asyncio.shield(self._destroy_dataset(incoming))
+            raise
+
+    async def has_template(self, template: str) -> bool:
+        check_name("template", template)
+        return template in await self.list_templates()
+
+    async def list_templates(self) -> list[str]:
+        await self._ensure_ready()
+        out = await self._zfs("list", "-H", "-o", "name", "-t", "snapshot", "-r", self._templates)
+        prefix, suffix = self._templates + "/", "@" + SNAPSHOT
+        names = []
+        for line in out.splitlines():
+            if line.startswith(prefix) and line.endswith(suffix):
+                name = line[len(prefix) : -len(suffix)]
+                if "/" not in name:
+                    names.append(name)
+        return sorted(names)
+
+    async def template_size(self, template: str) -> int:
+        await self._require_template(template)
+        out = await self._zfs(
+            "get", "-H", "-p", "-o", "value", "referenced", f"{self._templates}/{template}"
+        )
+        return int(out.strip())
+
+    async def delete_template(self, template: str) -> None:
+        check_name("template", template)
+        await self._ensure_ready()
+        await self._destroy_dataset(f"{self._templates}/{template}")
+
+    async def _require_template(self, template: str) -> None:
+        if not await self.has_template(template):
+            raise StorageError(f"no template {template!r} in ZFS dataset {self.dataset}")
+
+    # Sandboxes ------------------------------------------------------------------------------
+    async def clone(self, template: str, sandbox_id: str) -> Path:
+        check_name("template", template)
+        check_name("sandbox", sandbox_id)
+        await self._ensure_ready()
+        dataset = f"{self._sandboxes}/{sandbox_id}"
+        try:
+            await self._zfs("clone", f"{self._templates}/{template}@{SNAPSHOT}", dataset)
+        except CommandFailed as e:
+            if "exists" in e.stderr and "does not exist" not in e.stderr:
+                raise StorageError(f"sandbox {sandbox_id!r} already exists") from e
+            if _missing(e):
+                raise StorageError(f"no template {template!r} in {self.dataset}") from e
+            raise
+        # The clone inherits its parent's mountpoint; ask zfs only if something overrode it.
+        assert self._sandboxes_mountpoint is not None
+        root = self._sandboxes_mountpoint / sandbox_id
+        if not await asyncio.to_thread(os.path.ismount, root):
+            try:
+                root = await self._mounted_root(dataset)
+            except BaseException:
+                await asyncio.shield(self._destroy_dataset(dataset))
+                raise
+        return root
+
+    async def snapshot(self, sandbox_id: str, template: str) -> None:
+        check_name("sandbox", sandbox_id)
+        check_name("template", template)
+        await self._ensure_ready()
+        if await self.has_template(template):
+            raise StorageError(f"template {template!r} already exists")
+        sandbox = f"{self._sandboxes}/{sandbox_id}"
+        snapshot = f"{sandbox}@{SNAPSHOT}"
+        incoming = self._incoming_name(template)
+        # A snapshot left by an interrupted earlier attempt would block ours.
+        await self._destroy_dataset(snapshot)
+        try:
+            await self._zfs("snapshot", snapshot)
+        except CommandFailed as e:
+            if _missing(e):
+                raise StorageError(f"no sandbox {sandbox_id!r}") from e
+            raise
+        try:
+            await self._zfs("clone", snapshot, incoming)
+            # The clone takes over the snapshot: the sandbox becomes a clone of the template.
+            await self._zfs("promote", incoming)
+            await self._publish(incoming, template)
+        except BaseException:
+            await asyncio.shield(self._undo_snapshot(incoming, snapshot))
+            raise
+
+    async def _undo_snapshot(self, incoming: str, snapshot: str) -> None:
+        try:
+            # Promotion moved the snapshot to the incoming dataset; hand it back first.
+            sandbox = snapshot.split("@")[0]
+            origin = await self._zfs("get", "-H", "-o", "value", "origin", sandbox)
+            if origin.strip() == f"{incoming}@{SNAPSHOT}":
+                await self._zfs("promote", sandbox)
+        except CommandFailed:
+            pass
+        await self._destroy_dataset(incoming)
+        await self._destroy_dataset(snapshot)
+
+    async def destroy(self, sandbox_id: str) -> None:
+        check_name("sandbox", sandbox_id)
+        await self._ensure_ready()
+        await self._destroy_dataset(f"{self._sandboxes}/{sandbox_id}")
+
+    async def list_sandboxes(self) -> list[str]:
+        await self._ensure_ready()
+        return await self._children(self._sandboxes)
