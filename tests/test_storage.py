@@ -180,3 +180,32 @@ async def test_bad_names_are_rejected(storage: Storage, template: str, bad: str)
     with pytest.raises(StorageError, match="invalid"):
         await storage.add_template(bad, Path("/nonexistent"))
     assert await storage.list_sandboxes() == []
+
+
+# A pid no process has: pid_max is at most 2**22.
+DEAD_PID = 2**22 + 1
+
+
+async def test_unfinished_template_work_is_dropped(storage: Storage, template: str) -> None:
+    """Leftovers of a builder that died half-way never show up and are removed on next use."""
+    fresh: Storage
+    if isinstance(storage, OverlayStorage):
+        leftover = storage.base_dir / "incoming" / f"{DEAD_PID}-half"
+        await asyncio.to_thread((leftover / "rootfs").mkdir, parents=True)
+        fresh = OverlayStorage(storage.base_dir)
+        assert await fresh.list_templates() == [template]
+        assert not await exists(leftover)
+    else:
+        assert isinstance(storage, ZfsStorage)
+        half = f"{storage.dataset}/templates/half"
+        proc = await asyncio.create_subprocess_exec(
+            "zfs", "create", "-o", f"coppice:builder={DEAD_PID}", half
+        )
+        assert await proc.wait() == 0
+        assert await storage.list_templates() == [template]
+        fresh = ZfsStorage(storage.dataset)
+        assert await fresh.list_templates() == [template]
+        proc = await asyncio.create_subprocess_exec(
+            "zfs", "list", half, stderr=asyncio.subprocess.DEVNULL
+        )
+        assert await proc.wait() != 0

@@ -184,9 +184,7 @@ class OverlayStorage(Storage):
         def delete() -> None:
             self._ensure_ready()
             users = sorted(
-                e.name
-                for e in self._sandboxes.iterdir()
-                if _read_text(e / "template") == template
+                e.name for e in self._sandboxes.iterdir() if _read_text(e / "template") == template
             )
             if users:
                 raise StorageError(

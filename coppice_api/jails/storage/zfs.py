@@ -1,14 +1,18 @@
 """ZFS storage: templates are datasets with an `@base` snapshot, sandboxes are clones of it.
 
 Layout under the parent dataset DS (same `zfs` CLI on FreeBSD, Linux OpenZFS and zfs-fuse):
-  DS/templates/NAME@base   a template (visible only once `@base` exists and the rename is done)
+  DS/templates/NAME@base   a template; it counts as one only once `@base` exists, which is
+                           the last step of making it
   DS/sandboxes/ID          a sandbox root: `zfs clone DS/templates/NAME@base DS/sandboxes/ID`
-  DS/incoming/PID-NAME     a template being made by process PID (renamed into templates/)
+A template being made carries the user property `coppice:builder=PID`; one without `@base`
+whose builder has died is a leftover and is destroyed the next time the storage is used.
 
-Snapshotting a sandbox clones `ID@base` and promotes the clone, so the new template owns the
-snapshot and the sandbox becomes its clone: the sandbox stays usable and can be destroyed
-while the template lives on, with no copy. The template keeps depending on its own parent
-template, so a parent cannot be deleted while templates (or sandboxes) made from it exist.
+Snapshotting a sandbox clones `ID@base` into the template's place and promotes the clone, so
+the new template owns the snapshot (its `@base` appears at that moment) and the sandbox
+becomes its clone: the sandbox stays usable and mounted, and can be destroyed while the
+template lives on, with no copy. (No `zfs rename`: it unmounts every clone of the dataset.)
+A template keeps depending on its parent template, so a parent cannot be deleted while
+templates or sandboxes made from it exist.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ from coppice_api.jails.storage.base import (
     Storage,
     StorageError,
     check_name,
-    leftover_owner_is_dead,
+    pid_is_alive,
     run_command,
 )
 
 SNAPSHOT = "base"
+BUILDER_PROPERTY = "coppice:builder"
 # zfs-fuse answers "dataset is busy" to most first destroys of a mounted clone; retrying every
 # 50 ms after an unmount succeeds within one or two attempts (platform notes §5).
 BUSY_RETRY_SECONDS = 0.05
@@ -50,7 +55,6 @@ class ZfsStorage(Storage):
         self.dataset = dataset
         self._templates = f"{dataset}/templates"
         self._sandboxes = f"{dataset}/sandboxes"
-        self._incoming = f"{dataset}/incoming"
         self._ready = False
         self._ready_lock = asyncio.Lock()
         self._sandboxes_mountpoint: Path | None = None
@@ -73,15 +77,13 @@ class ZfsStorage(Storage):
                     f"ZFS dataset {self.dataset!r} is not usable (create it first, e.g. "
                     f"`zfs create -p {self.dataset}`): {e.stderr.strip()}"
                 ) from e
-            for child in (self._templates, self._sandboxes, self._incoming):
+            for child in (self._templates, self._sandboxes):
                 try:
                     await self._zfs("create", "-p", child)
                 except CommandFailed as e:
                     if "already exists" not in e.stderr:
                         raise
-            for entry in await self._children(self._incoming):
-                if leftover_owner_is_dead(entry):
-                    await self._destroy_dataset(f"{self._incoming}/{entry}")
+            await self._drop_unfinished_templates()
             self._sandboxes_mountpoint = await self._mountpoint(self._sandboxes)
             self._ready = True
 
@@ -137,20 +139,26 @@ class ZfsStorage(Storage):
                 ) from e
             raise
 
-    async def _publish(self, incoming: str, template: str) -> None:
-        """Make a finished incoming dataset the template (rename needs it unmounted)."""
-        await self._zfs("set", "readonly=on", incoming)
-        target = f"{self._templates}/{template}"
-        try:
-            await self._retry_busy(incoming, "rename", incoming, target)
-        except CommandFailed as e:
-            if "exists" in e.stderr:
-                raise StorageError(f"template {template!r} already exists") from e
-            raise
-        await self._zfs("mount", target)
-
-    def _incoming_name(self, template: str) -> str:
-        return f"{self._incoming}/{os.getpid()}-{template}"
+    async def _drop_unfinished_templates(self) -> None:
+        out = await self._zfs(
+            "list",
+            "-H",
+            "-o",
+            f"name,{BUILDER_PROPERTY}",
+            "-t",
+            "filesystem",
+            "-d",
+            "1",
+            self._templates,
+        )
+        finished = set(await self._finished_templates())
+        prefix = self._templates + "/"
+        for line in out.splitlines():
+            dataset, _, builder = line.partition("\t")
+            name = dataset[len(prefix) :]
+            builder_alive = builder.isdigit() and pid_is_alive(int(builder))
+            if dataset.startswith(prefix) and name not in finished and not builder_alive:
+                await self._destroy_dataset(dataset)
 
     # Templates ------------------------------------------------------------------------------
     async def template_root(self, template: str) -> Path:
@@ -164,16 +172,20 @@ class ZfsStorage(Storage):
             raise StorageError(f"template {template!r} already exists")
         if not await asyncio.to_thread(source.is_dir):
             raise StorageError(f"template source {source} is not a directory")
-        incoming = self._incoming_name(template)
-        await self._destroy_dataset(incoming)
-        await self._zfs("create", incoming)
+        dataset = f"{self._templates}/{template}"
         try:
-            root = await self._mounted_root(incoming)
+            await self._zfs("create", "-o", f"{BUILDER_PROPERTY}={os.getpid()}", dataset)
+        except CommandFailed as e:
+            if "already exists" in e.stderr:
+                raise StorageError(f"template {template!r} already exists") from e
+            raise
+        try:
+            root = await self._mounted_root(dataset)
             await run_command("cp", "-a", "--reflink=auto", f"{source}/.", f"{root}/")
-            await self._zfs("snapshot", f"{incoming}@{SNAPSHOT}")
-            await self._publish(incoming, template)
+            await self._zfs("set", "readonly=on", dataset)
+            await self._zfs("snapshot", f"{dataset}@{SNAPSHOT}")
         except BaseException:
-            await asyncio.shield(self._destroy_dataset(incoming))
+            await asyncio.shield(self._destroy_dataset(dataset))
             raise
 
     async def has_template(self, template: str) -> bool:
@@ -182,6 +194,9 @@ class ZfsStorage(Storage):
 
     async def list_templates(self) -> list[str]:
         await self._ensure_ready()
+        return await self._finished_templates()
+
+    async def _finished_templates(self) -> list[str]:
         out = await self._zfs("list", "-H", "-o", "name", "-t", "snapshot", "-r", self._templates)
         prefix, suffix = self._templates + "/", "@" + SNAPSHOT
         names = []
@@ -241,7 +256,7 @@ class ZfsStorage(Storage):
             raise StorageError(f"template {template!r} already exists")
         sandbox = f"{self._sandboxes}/{sandbox_id}"
         snapshot = f"{sandbox}@{SNAPSHOT}"
-        incoming = self._incoming_name(template)
+        dataset = f"{self._templates}/{template}"
         # A snapshot left by an interrupted earlier attempt would block ours.
         await self._destroy_dataset(snapshot)
         try:
@@ -251,25 +266,27 @@ class ZfsStorage(Storage):
                 raise StorageError(f"no sandbox {sandbox_id!r}") from e
             raise
         try:
-            await self._zfs("clone", snapshot, incoming)
-            # The clone takes over the snapshot: the sandbox becomes a clone of the template.
-            await self._zfs("promote", incoming)
-            await self._publish(incoming, template)
-        except BaseException:
-            await asyncio.shield(self._undo_snapshot(incoming, snapshot))
+            await self._zfs(
+                "clone",
+                "-o",
+                f"{BUILDER_PROPERTY}={os.getpid()}",
+                "-o",
+                "readonly=on",
+                snapshot,
+                dataset,
+            )
+        except CommandFailed as e:
+            await asyncio.shield(self._destroy_dataset(snapshot))
+            if "already exists" in e.stderr:
+                raise StorageError(f"template {template!r} already exists") from e
             raise
-
-    async def _undo_snapshot(self, incoming: str, snapshot: str) -> None:
         try:
-            # Promotion moved the snapshot to the incoming dataset; hand it back first.
-            sandbox = snapshot.split("@")[0]
-            origin = await self._zfs("get", "-H", "-o", "value", "origin", sandbox)
-            if origin.strip() == f"{incoming}@{SNAPSHOT}":
-                await self._zfs("promote", sandbox)
-        except CommandFailed:
-            pass
-        await self._destroy_dataset(incoming)
-        await self._destroy_dataset(snapshot)
+            # The clone takes over the snapshot: the sandbox becomes a clone of the template.
+            await self._zfs("promote", dataset)
+        except BaseException:
+            await asyncio.shield(self._destroy_dataset(dataset))
+            await asyncio.shield(self._destroy_dataset(snapshot))
+            raise
 
     async def destroy(self, sandbox_id: str) -> None:
         check_name("sandbox", sandbox_id)
