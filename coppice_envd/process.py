@@ -1,0 +1,345 @@
+"""envd's `process.Process` service over Connect: thin RPC methods over per-sandbox `ProcessTable`s.
+
+The gateway tells each call which sandbox it is for and which Basic-auth user (if any) it names;
+everything about running processes lives in `process_table`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+from connectrpc.request import Headers, RequestContext
+from process import process_pb2 as pb
+
+from coppice_api.jails.confined import ConfinedRoot
+from coppice_api.jails.runtime.base import ExecSpec, ExitStatus, User
+from coppice_envd.auth import UnknownUser
+from coppice_envd.paths import PathExpansionError, expand_and_resolve
+from coppice_envd.process_table import (
+    Ended,
+    InputFailed,
+    Output,
+    ProcessError,
+    ProcessNotFound,
+    ProcessTable,
+    ResizeFailed,
+    Selector,
+    SignalFailed,
+    SpawnFailed,
+    StdinNotClosable,
+    Subscription,
+)
+from coppice_envd.routing import RequestScope, current_request
+from coppice_envd.sandboxes import SandboxView
+
+# envd passes its own PATH on; this is what a Debian root shell has.
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_KEEPALIVE_SECONDS = 90.0
+# envd's wrapper: the child is the one most likely killed on OOM, `cmd` is looked up on PATH by
+# the shell (a missing command exits 127 instead of failing Start), and `exec` keeps the pid.
+_WRAPPER = 'echo 100 > /proc/$$/oom_score_adj 2>/dev/null; exec "$@"'
+
+_ERROR_CODES: dict[type[ProcessError], Code] = {
+    ProcessNotFound: Code.NOT_FOUND,
+    SpawnFailed: Code.INVALID_ARGUMENT,
+    InputFailed: Code.INTERNAL,
+    StdinNotClosable: Code.UNKNOWN,
+    ResizeFailed: Code.INTERNAL,
+    SignalFailed: Code.INTERNAL,
+}
+_SIGNALS = {pb.SIGNAL_SIGKILL: signal.SIGKILL, pb.SIGNAL_SIGTERM: signal.SIGTERM}
+# Go's names for signals (os.ProcessState.String), the wording SDK users see in `status`.
+_SIGNAL_NAMES = {
+    1: "hangup", 2: "interrupt", 3: "quit", 4: "illegal instruction",
+    5: "trace/breakpoint trap", 6: "aborted", 7: "bus error", 8: "floating point exception",
+    9: "killed", 10: "user defined signal 1", 11: "segmentation fault",
+    12: "user defined signal 2", 13: "broken pipe", 14: "alarm clock", 15: "terminated",
+    16: "stack fault", 17: "child exited", 18: "continued", 19: "stopped (signal)",
+    20: "stopped", 21: "stopped (tty input)", 22: "stopped (tty output)",
+    23: "urgent I/O condition", 24: "CPU time limit exceeded", 25: "file size limit exceeded",
+    26: "virtual timer expired", 27: "profiling timer expired", 28: "window changed",
+    29: "I/O possible", 30: "power failure", 31: "bad system call",
+}  # fmt: skip
+
+
+def end_event(ended: Ended) -> pb.ProcessEvent.EndEvent:
+    """An `EndEvent` with Go's `os.ProcessState` wording."""
+    status: ExitStatus | None = ended.status
+    if status is None:
+        return pb.ProcessEvent.EndEvent(exit_code=-1, error=ended.error or "unknown")
+    if status.signal is None:
+        text = f"exit status {status.exit_code}"
+        event = pb.ProcessEvent.EndEvent(exit_code=status.exit_code, exited=True, status=text)
+        if status.exit_code != 0:
+            event.error = text
+        return event
+    text = "signal: " + _SIGNAL_NAMES.get(status.signal, f"signal {status.signal}")
+    return pb.ProcessEvent.EndEvent(exit_code=-1, exited=False, status=text, error=text)
+
+
+def keepalive_interval(headers: Headers) -> float:
+    """`Keepalive-Ping-Interval` in seconds; missing, bad or non-positive values mean 90."""
+    try:
+        seconds = float(int(headers.get("keepalive-ping-interval", "")))
+    except ValueError:
+        return DEFAULT_KEEPALIVE_SECONDS
+    return seconds if seconds > 0 else DEFAULT_KEEPALIVE_SECONDS
+
+
+def _selector(message: pb.ProcessSelector) -> Selector:
+    which = message.WhichOneof("selector")
+    if which == "pid":
+        return message.pid
+    if which == "tag":
+        return message.tag
+    raise ConnectError(Code.UNIMPLEMENTED, "invalid input type: process selector not set")
+
+
+def _rpc_error(exc: ProcessError) -> ConnectError:
+    return ConnectError(_ERROR_CODES.get(type(exc), Code.INTERNAL), str(exc))
+
+
+def _prepare(scope: RequestScope, cwd: str) -> tuple[User, str]:
+    """The user a process runs as and its cwd, checked inside the sandbox root (blocking)."""
+    with ConfinedRoot(scope.sandbox.jail.root) as root:
+        try:
+            user = scope.user_sync(root)
+        except UnknownUser as exc:
+            raise ConnectError(Code.UNAUTHENTICATED, str(exc)) from None
+        try:
+            path = expand_and_resolve(cwd, user, scope.sandbox.default_workdir)
+        except PathExpansionError as exc:
+            raise ConnectError(
+                Code.INVALID_ARGUMENT, f"failed to expand path '{cwd}': {exc}"
+            ) from exc
+        try:
+            os.close(root.open(path, os.O_PATH))
+        except OSError:
+            raise ConnectError(Code.INVALID_ARGUMENT, f"cwd '{path}' does not exist") from None
+        return user, path
+
+
+class ProcessService:
+    """Implements the generated `process_connect.Process` protocol.
+
+    `scope` is called inside each RPC for the request's sandbox and user; by default the one
+    the gateway's routing bound to the running request.
+    Mount with `ProcessASGIApplication(ProcessService(...))`.
+    """
+
+    def __init__(self, scope: Callable[[], RequestScope] = current_request) -> None:
+        self._scope = scope
+        self._tables: dict[str, ProcessTable[pb.ProcessConfig]] = {}
+
+    def table(self, sandbox: SandboxView) -> ProcessTable[pb.ProcessConfig]:
+        """The process table of a sandbox (a new one when the sandbox got a new jail)."""
+        table = self._tables.get(sandbox.sandbox_id)
+        if table is None or table.jail is not sandbox.jail:
+            table = self._tables[sandbox.sandbox_id] = ProcessTable(sandbox.jail)
+        return table
+
+    async def forget(self, sandbox_id: str) -> None:
+        """Kill and drop a sandbox's processes (the sandbox is being stopped or paused)."""
+        table = self._tables.pop(sandbox_id, None)
+        if table is not None:
+            await table.close()
+
+    async def close(self) -> None:
+        for sandbox_id in list(self._tables):
+            await self.forget(sandbox_id)
+
+    def _current_table(self) -> ProcessTable[pb.ProcessConfig]:
+        return self.table(self._scope().sandbox)
+
+    # -- streams ---------------------------------------------------------------------------
+
+    async def start(
+        self, request: pb.StartRequest, ctx: RequestContext[pb.StartRequest, pb.StartResponse]
+    ) -> AsyncIterator[pb.StartResponse]:
+        scope = self._scope()
+        config = request.process
+        user, cwd = await asyncio.to_thread(
+            _prepare, scope, config.cwd if config.HasField("cwd") else ""
+        )
+        env = {
+            "PATH": DEFAULT_PATH,
+            "HOME": user.home,
+            "USER": user.name,
+            "LOGNAME": user.name,
+            "E2B_SANDBOX": "true",
+            "E2B_SANDBOX_ID": scope.sandbox.sandbox_id,
+            **scope.sandbox.env_vars,
+            **config.envs,
+        }
+        pty = (request.pty.size.rows, request.pty.size.cols) if request.HasField("pty") else None
+        spec = ExecSpec(
+            argv=["/bin/sh", "-c", _WRAPPER, "--", config.cmd, *config.args],
+            user=user,
+            cwd=cwd,
+            env=env,
+            pty=pty,
+        )
+        original = pb.ProcessConfig()
+        original.CopyFrom(config)
+        timeout_ms = ctx.timeout_ms
+        try:
+            subscription = await self.table(scope.sandbox).start(
+                spec,
+                config=original,
+                tag=request.tag if request.HasField("tag") else None,
+                stdin=request.stdin if request.HasField("stdin") else True,
+                kill_after=None if timeout_ms is None else max(timeout_ms, 0) / 1000,
+            )
+        except ProcessError as exc:
+            raise _rpc_error(exc) from exc
+        async for event in _events(subscription, ctx.request_headers, ctx.timeout_ms):
+            yield pb.StartResponse(event=event)
+
+    async def connect(
+        self,
+        request: pb.ConnectRequest,
+        ctx: RequestContext[pb.ConnectRequest, pb.ConnectResponse],
+    ) -> AsyncIterator[pb.ConnectResponse]:
+        selector = _selector(request.process)
+        try:
+            subscription = self._current_table().connect(selector)
+        except ProcessError as exc:
+            raise _rpc_error(exc) from exc
+        async for event in _events(subscription, ctx.request_headers, ctx.timeout_ms):
+            yield pb.ConnectResponse(event=event)
+
+    # -- unary -----------------------------------------------------------------------------
+
+    async def list(
+        self, request: pb.ListRequest, ctx: RequestContext[pb.ListRequest, pb.ListResponse]
+    ) -> pb.ListResponse:
+        response = pb.ListResponse()
+        for managed in self._current_table().processes():
+            info = response.processes.add(pid=managed.pid, config=managed.config)
+            if managed.tag is not None:
+                info.tag = managed.tag
+        return response
+
+    async def send_input(
+        self,
+        request: pb.SendInputRequest,
+        ctx: RequestContext[pb.SendInputRequest, pb.SendInputResponse],
+    ) -> pb.SendInputResponse:
+        await self._write(_selector(request.process), request.input)
+        return pb.SendInputResponse()
+
+    async def stream_input(
+        self,
+        request: AsyncIterator[pb.StreamInputRequest],
+        ctx: RequestContext[pb.StreamInputRequest, pb.StreamInputResponse],
+    ) -> pb.StreamInputResponse:
+        target: Selector | None = None
+        async for message in request:
+            which = message.WhichOneof("event")
+            if which == "start":
+                target = _selector(message.start.process)
+                try:
+                    self._current_table().get(target)
+                except ProcessError as exc:
+                    raise _rpc_error(exc) from exc
+            elif which == "data":
+                if target is None:
+                    raise ConnectError(
+                        Code.FAILED_PRECONDITION, "input sent before the start message"
+                    )
+                await self._write(target, message.data.input)
+        return pb.StreamInputResponse()
+
+    async def send_signal(
+        self,
+        request: pb.SendSignalRequest,
+        ctx: RequestContext[pb.SendSignalRequest, pb.SendSignalResponse],
+    ) -> pb.SendSignalResponse:
+        signum = _SIGNALS.get(request.signal)
+        if signum is None:
+            raise ConnectError(
+                Code.UNIMPLEMENTED, f"invalid signal: {pb.Signal.Name(request.signal)}"
+            )
+        try:
+            await self._current_table().get(_selector(request.process)).send_signal(signum)
+        except ProcessError as exc:
+            raise _rpc_error(exc) from exc
+        return pb.SendSignalResponse()
+
+    async def close_stdin(
+        self,
+        request: pb.CloseStdinRequest,
+        ctx: RequestContext[pb.CloseStdinRequest, pb.CloseStdinResponse],
+    ) -> pb.CloseStdinResponse:
+        try:
+            self._current_table().get(_selector(request.process)).close_stdin()
+        except ProcessError as exc:
+            raise _rpc_error(exc) from exc
+        return pb.CloseStdinResponse()
+
+    async def update(
+        self, request: pb.UpdateRequest, ctx: RequestContext[pb.UpdateRequest, pb.UpdateResponse]
+    ) -> pb.UpdateResponse:
+        try:
+            managed = self._current_table().get(_selector(request.process))
+            if request.HasField("pty"):
+                managed.resize(request.pty.size.rows, request.pty.size.cols)
+        except ProcessError as exc:
+            raise _rpc_error(exc) from exc
+        return pb.UpdateResponse()
+
+    async def _write(self, selector: Selector, data: pb.ProcessInput) -> None:
+        which = data.WhichOneof("input")
+        if which is None:
+            raise ConnectError(Code.UNIMPLEMENTED, "invalid input type: input not set")
+        try:
+            managed = self._current_table().get(selector)
+            if which == "stdin":
+                await managed.write_stdin(data.stdin)
+            else:
+                await managed.write_pty(data.pty)
+        except ProcessError as exc:
+            raise _rpc_error(exc) from exc
+
+
+async def _events(
+    subscription: Subscription, headers: Headers, timeout_ms: float | None
+) -> AsyncIterator[pb.ProcessEvent]:
+    """A subscription as envd streams it: start, data, keepalives while idle, then one end.
+
+    The RPC deadline (`Connect-Timeout-Ms`) ends the stream with deadline_exceeded; closing the
+    stream (a client that went away) only unsubscribes.
+    """
+    loop = asyncio.get_running_loop()
+    interval = keepalive_interval(headers)
+    deadline = None if timeout_ms is None else loop.time() + max(timeout_ms, 0) / 1000
+    try:
+        yield pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=subscription.pid))
+        keepalive_at = loop.time() + interval
+        while True:
+            wake_at = keepalive_at if deadline is None else min(keepalive_at, deadline)
+            try:
+                async with asyncio.timeout_at(wake_at):
+                    event = await subscription.next()
+            except TimeoutError:
+                if deadline is not None and loop.time() >= deadline:
+                    raise ConnectError(
+                        Code.DEADLINE_EXCEEDED, "context deadline exceeded"
+                    ) from None
+                yield pb.ProcessEvent(keepalive=pb.ProcessEvent.KeepAlive())
+                keepalive_at = loop.time() + interval
+                continue
+            if isinstance(event, Output):
+                data = pb.ProcessEvent.DataEvent(**{event.kind: event.data})
+                yield pb.ProcessEvent(data=data)
+                keepalive_at = loop.time() + interval
+            else:
+                yield pb.ProcessEvent(end=end_event(event))
+                return
+    finally:
+        subscription.close()
