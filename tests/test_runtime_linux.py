@@ -1,0 +1,518 @@
+"""The Linux jail runtime, for real: namespaces, chroot, cgroups and coppice-init as PID 1."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from coppice_api.jails.confined import ConfinedRoot
+from coppice_api.jails.runtime.base import (
+    ExecError,
+    ExecSpec,
+    ExitStatus,
+    Limits,
+    ProcessNotFound,
+    User,
+)
+from coppice_api.jails.runtime.cgroups import CgroupLayout
+from coppice_api.jails.runtime.linux import LinuxJail, LinuxRuntime
+from coppice_api.jails.users import lookup_user
+
+REPO = Path(__file__).resolve().parent.parent
+ROOT_USER = User("root", 0, 0, "/root", (0,))
+ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+# Generous bound so a broken jail fails the test instead of hanging it; never a speed check.
+HANG = 60.0
+
+# -- Sandbox roots: the one place to swap in the real template builder --------------------------
+DEV_ROOTFS = Path("/var/cache/coppice-dev/base")
+
+MakeRoot = Callable[[], Path]
+
+
+@pytest.fixture
+def make_root(tmp_path: Path) -> Iterator[MakeRoot]:
+    """Writable copy-on-write sandbox roots: overlayfs on the dev rootfs, unmounted afterwards."""
+    if not (DEV_ROOTFS / "etc" / "passwd").exists():
+        pytest.fail(f"the dev rootfs {DEV_ROOTFS} is missing (built by the lead's setup)")
+    mounted: list[Path] = []
+
+    def make() -> Path:
+        base = tmp_path / f"root{len(mounted)}"
+        upper, work, merged = base / "upper", base / "work", base / "merged"
+        for d in (upper, work, merged):
+            d.mkdir(parents=True)
+        options = f"lowerdir={DEV_ROOTFS},upperdir={upper},workdir={work}"
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, merged], check=True)
+        mounted.append(merged)
+        return merged
+
+    yield make
+    for merged in mounted:
+        subprocess.run(["umount", "--lazy", merged], check=True)
+
+
+# -- Runtime and cleanup --------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # One per session: coppice-init is compiled once into data_dir/libexec.
+    return tmp_path_factory.mktemp("coppice-data")
+
+
+@pytest.fixture
+async def runtime(data_dir: Path, make_root: MakeRoot) -> AsyncIterator[LinuxRuntime]:
+    # Depends on make_root so that jails are destroyed before their roots are unmounted.
+    rt = LinuxRuntime(data_dir)
+    yield rt
+    for sandbox_id in await rt.list_jails():
+        if sandbox_id.startswith(_test_prefix):
+            await rt.destroy_leftover(sandbox_id)
+
+
+_test_prefix = f"t{os.getpid()}x"
+
+
+def new_id() -> str:
+    return f"{_test_prefix}{uuid.uuid4().hex[:16]}"
+
+
+@pytest.fixture
+async def jail(runtime: LinuxRuntime, make_root: MakeRoot) -> LinuxJail:
+    return await runtime.start(new_id(), make_root(), Limits())
+
+
+# -- Helpers --------------------------------------------------------------------------------------
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError as e:  # a PTY master reads EIO once the terminal is gone
+                if e.errno != errno.EIO:
+                    raise
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+async def run(
+    jail: LinuxJail,
+    argv: list[str],
+    *,
+    user: User = ROOT_USER,
+    cwd: str = "/",
+    stdin: bytes = b"",
+) -> tuple[ExitStatus, str, str]:
+    process = await jail.exec(ExecSpec(argv, user, cwd, ENV))
+    assert process.stdin_fd is not None
+    assert process.stdout_fd is not None
+    assert process.stderr_fd is not None
+    stdin_fd = process.stdin_fd
+
+    def feed() -> None:
+        try:
+            os.write(stdin_fd, stdin)
+        finally:
+            os.close(stdin_fd)
+
+    out, err, _, status = await asyncio.wait_for(
+        asyncio.gather(
+            asyncio.to_thread(_read_all, process.stdout_fd),
+            asyncio.to_thread(_read_all, process.stderr_fd),
+            asyncio.to_thread(feed),
+            process.wait(),
+        ),
+        HANG,
+    )
+    return status, out.decode(), err.decode()
+
+
+async def sh(jail: LinuxJail, script: str, *, user: User = ROOT_USER, cwd: str = "/") -> str:
+    status, out, err = await run(jail, ["sh", "-c", script], user=user, cwd=cwd)
+    assert status == ExitStatus(0), err
+    return out
+
+
+def cgroup_dirs(sandbox_id: str) -> list[Path]:
+    return CgroupLayout.detect().sandbox(sandbox_id).dirs
+
+
+def processes_rooted_at(root: Path) -> list[int]:
+    """Host pids of every process whose root directory is `root`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.readlink(entry / "root") == str(root):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+async def python_subprocess(script: str, *args: str) -> asyncio.subprocess.Process:
+    """A separate Python process (a stand-in for the service), run from the repository."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        textwrap.dedent(script),
+        *args,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+    )
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(HANG):
+        while not await asyncio.to_thread(condition):  # noqa: ASYNC110 - polling a file
+            await asyncio.sleep(0.01)
+
+
+# -- Isolation ------------------------------------------------------------------------------------
+async def test_ps_shows_only_the_jails_processes(jail: LinuxJail) -> None:
+    status, out, _ = await run(jail, ["ps", "-e", "-o", "pid=,comm="])
+    assert status == ExitStatus(0)
+    (init_pid, init_name), (_, ps_name) = (line.split() for line in out.strip().splitlines())
+    assert (init_pid, ps_name) == ("1", "ps")
+    assert init_name.startswith("coppice-init")
+
+
+async def test_hostname_is_the_sandbox_id(jail: LinuxJail) -> None:
+    assert (await sh(jail, "hostname")).strip() == jail.sandbox_id
+
+
+async def test_runs_as_the_sandbox_user_in_its_home(jail: LinuxJail) -> None:
+    def resolve() -> User:
+        with ConfinedRoot(jail.root) as root:
+            return lookup_user(root, "user")
+
+    user = await asyncio.to_thread(resolve)
+    assert (user.uid, user.home) == (1000, "/home/user")
+    out = await sh(jail, "id -u; id -g; pwd; touch mine; stat -c %U mine", user=user, cwd=user.home)
+    assert out.split() == ["1000", "1000", "/home/user", "user"]
+
+
+async def test_root_is_the_sandbox_root(jail: LinuxJail) -> None:
+    assert (await sh(jail, "readlink /proc/self/root")).strip() == "/"
+    assert os.readlink(f"/proc/{jail.init_pid}/root") == str(jail.root)
+    await sh(jail, "echo inside > /written-in-jail")
+    assert (jail.root / "written-in-jail").read_text() == "inside\n"
+    # The jail's /dev and /tmp are its own, not the sandbox tree's nor the host's.
+    out = await sh(jail, "ls /dev/pts; echo > /tmp/in-tmp && ls /tmp")
+    assert out.split() == ["ptmx", "in-tmp"]
+    assert not (jail.root / "tmp" / "in-tmp").exists()
+
+
+async def test_pty_process_sees_a_terminal(jail: LinuxJail) -> None:
+    process = await jail.exec(
+        ExecSpec(["sh", "-c", "tty; stty size"], ROOT_USER, "/", ENV, (33, 111))
+    )
+    assert process.pty_fd is not None
+    assert (process.stdin_fd, process.stdout_fd, process.stderr_fd) == (None, None, None)
+    out, status = await asyncio.wait_for(
+        asyncio.gather(asyncio.to_thread(_read_all, process.pty_fd), process.wait()), HANG
+    )
+    assert status == ExitStatus(0)
+    assert out.decode().split() == ["/dev/pts/0", "33", "111"]
+
+
+async def test_concurrent_execs(jail: LinuxJail) -> None:
+    results = await asyncio.gather(*(sh(jail, f"echo {i}") for i in range(20)))
+    assert results == [f"{i}\n" for i in range(20)]
+
+
+# -- Exec results and errors ----------------------------------------------------------------------
+async def test_stdin_stdout_stderr_are_separate(jail: LinuxJail) -> None:
+    status, out, err = await run(jail, ["sh", "-c", "cat; echo oops >&2; exit 3"], stdin=b"hello")
+    assert (status, out, err) == (ExitStatus(3), "hello", "oops\n")
+
+
+async def test_exec_failures_are_errors_not_processes(jail: LinuxJail) -> None:
+    with pytest.raises(ExecError) as missing:
+        await jail.exec(ExecSpec(["no-such-program"], ROOT_USER, "/", ENV))
+    assert missing.value.errno == errno.ENOENT
+    with pytest.raises(ExecError) as bad_cwd:
+        await jail.exec(ExecSpec(["true"], ROOT_USER, "/no/such/dir", ENV))
+    assert bad_cwd.value.errno == errno.ENOENT
+    await sh(jail, "echo > /not-executable")
+    with pytest.raises(ExecError) as denied:
+        await jail.exec(ExecSpec(["/not-executable"], ROOT_USER, "/", ENV))
+    assert denied.value.errno == errno.EACCES
+    # The host's binaries are not reachable either: PATH is searched inside the jail.
+    with pytest.raises(ExecError):
+        await jail.exec(ExecSpec([sys.executable], ROOT_USER, "/", ENV))
+    assert (await sh(jail, "echo still fine")) == "still fine\n"
+
+
+async def test_exit_by_signal_is_reported(jail: LinuxJail) -> None:
+    process = await jail.exec(ExecSpec(["sleep", "1000"], ROOT_USER, "/", ENV))
+    await process.signal(signal.SIGTERM)
+    assert await asyncio.wait_for(process.wait(), HANG) == ExitStatus(-15, signal.SIGTERM)
+    for fd in (process.stdin_fd, process.stdout_fd, process.stderr_fd):
+        assert fd is not None
+        os.close(fd)
+    status, _, _ = await run(jail, ["sh", "-c", "kill -KILL $$"])
+    assert status == ExitStatus(-9, signal.SIGKILL)
+    assert not status.exited
+
+
+async def test_signal_to_unknown_pid_is_not_found(jail: LinuxJail) -> None:
+    with pytest.raises(ProcessNotFound):
+        await jail.signal(4_000_000, signal.SIGTERM)
+    with pytest.raises(ProcessNotFound):
+        await jail.signal(1, signal.SIGKILL)  # init is not a target
+    process = await jail.exec(ExecSpec(["true"], ROOT_USER, "/", ENV))
+    for fd in (process.stdin_fd, process.stdout_fd, process.stderr_fd):
+        assert fd is not None
+        os.close(fd)
+    await process.wait()
+    with pytest.raises(ProcessNotFound):
+        await process.signal(signal.SIGTERM)
+    assert jail.is_alive()
+
+
+# -- Limits ---------------------------------------------------------------------------------------
+FORK_UNTIL_REFUSED = """
+import os, time
+forked = 0
+try:
+    while True:
+        if os.fork() == 0:
+            time.sleep(1000)
+            os._exit(0)
+        forked += 1
+except OSError as e:
+    print(forked, e.errno, flush=True)
+time.sleep(1000)
+"""
+
+
+async def test_fork_bomb_hits_pids_limit_while_another_sandbox_works(
+    runtime: LinuxRuntime, make_root: MakeRoot
+) -> None:
+    bombed = await runtime.start(new_id(), make_root(), Limits(pids=32))
+    other = await runtime.start(new_id(), make_root(), Limits(pids=32))
+    process = await bombed.exec(
+        ExecSpec(["python3", "-c", FORK_UNTIL_REFUSED], ROOT_USER, "/", ENV)
+    )
+    assert process.stdout_fd is not None
+    stdin_fd, stderr_fd = process.stdin_fd, process.stderr_fd
+    assert stdin_fd is not None
+    assert stderr_fd is not None
+    os.close(stdin_fd)
+    os.close(stderr_fd)
+    # The forked sleepers keep stdout open: read the one line, not until EOF.
+    line = await asyncio.wait_for(asyncio.to_thread(os.read, process.stdout_fd, 100), HANG)
+    os.close(process.stdout_fd)
+    forked, err = (int(x) for x in line.split())
+    assert err == errno.EAGAIN
+    assert forked < 32
+    assert (await bombed.stats()).pids == 32
+    with pytest.raises(ExecError) as refused:  # init cannot fork either
+        await bombed.exec(ExecSpec(["true"], ROOT_USER, "/", ENV))
+    assert refused.value.errno == errno.EAGAIN
+    assert await sh(other, "echo unaffected") == "unaffected\n"
+    await bombed.stop()
+    assert await asyncio.wait_for(process.wait(), HANG) == ExitStatus(-9, signal.SIGKILL)
+
+
+async def test_memory_hog_is_oom_killed_inside_its_limit(
+    runtime: LinuxRuntime, make_root: MakeRoot
+) -> None:
+    jail = await runtime.start(new_id(), make_root(), Limits(memory_bytes=64 * 1024 * 1024))
+    status, _, _ = await run(jail, ["python3", "-c", "b = b'x' * (512 << 20)"])
+    assert status == ExitStatus(-9, signal.SIGKILL)
+    stats = await jail.stats()
+    assert stats.memory_limit_bytes == 64 * 1024 * 1024
+    assert stats.memory_bytes <= 64 * 1024 * 1024
+    assert jail.is_alive()
+    assert await sh(jail, "echo survived") == "survived\n"
+
+
+async def test_stats(jail: LinuxJail) -> None:
+    await sh(jail, "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done")
+    stats = await jail.stats()
+    assert stats.pids == 1  # just init, now
+    assert stats.cpu_usage_usec > 0
+    assert stats.memory_bytes > 0
+    assert stats.memory_limit_bytes == Limits().memory_bytes
+
+
+# -- Freeze ---------------------------------------------------------------------------------------
+async def test_freeze_stops_a_loop_and_thaw_resumes_it(jail: LinuxJail) -> None:
+    counter = jail.root / "counter"
+    loop = await jail.exec(
+        ExecSpec(
+            [
+                "sh",
+                "-c",
+                "i=0; while :; do i=$((i+1)); echo $i > /counter.new; "
+                "mv /counter.new /counter; done",
+            ],
+            ROOT_USER,
+            "/",
+            ENV,
+        )
+    )
+
+    def count() -> int:
+        try:
+            return int(counter.read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    await wait_until(lambda: count() > 3)
+    await jail.freeze()
+    frozen_at = await asyncio.to_thread(count)
+    await asyncio.sleep(0.5)
+    assert await asyncio.to_thread(count) == frozen_at
+    await jail.thaw()
+    await wait_until(lambda: count() > frozen_at + 3)
+    await loop.signal(signal.SIGKILL)
+    assert await asyncio.wait_for(loop.wait(), HANG) == ExitStatus(-9, signal.SIGKILL)
+    for fd in (loop.stdin_fd, loop.stdout_fd, loop.stderr_fd):
+        assert fd is not None
+        os.close(fd)
+
+
+# -- Stop, restart, leftovers ---------------------------------------------------------------------
+async def test_stop_leaves_nothing(runtime: LinuxRuntime, jail: LinuxJail, data_dir: Path) -> None:
+    sleeper = await jail.exec(ExecSpec(["sleep", "1000"], ROOT_USER, "/", ENV))
+    for fd in (sleeper.stdin_fd, sleeper.stdout_fd, sleeper.stderr_fd):
+        assert fd is not None
+        os.close(fd)
+    assert len(processes_rooted_at(jail.root)) == 2
+    await jail.stop()
+    assert await asyncio.wait_for(sleeper.wait(), HANG) == ExitStatus(-9, signal.SIGKILL)
+    assert not jail.is_alive()
+    assert processes_rooted_at(jail.root) == []
+    assert not any(d.exists() for d in cgroup_dirs(jail.sandbox_id))
+    assert not (data_dir / "run" / f"{jail.sandbox_id}.sock").exists()
+    assert jail.sandbox_id not in await runtime.list_jails()
+    await jail.stop()  # idempotent
+
+
+START_AND_EXIT = """
+import asyncio, sys
+from pathlib import Path
+from coppice_api.jails.runtime.base import Limits
+from coppice_api.jails.runtime.linux import LinuxRuntime
+
+async def main() -> None:
+    jail = await LinuxRuntime(Path(sys.argv[1])).start(sys.argv[2], Path(sys.argv[3]), Limits())
+    print(jail.handle)
+
+asyncio.run(main())
+"""
+
+
+async def start_in_other_process(data_dir: Path, sandbox_id: str, root: Path) -> str:
+    service = await python_subprocess(START_AND_EXIT, str(data_dir), sandbox_id, str(root))
+    out, _ = await asyncio.wait_for(service.communicate(), HANG)
+    assert service.returncode == 0
+    return out.decode().strip()
+
+
+async def test_jail_outlives_its_starter_and_is_attached_again(
+    runtime: LinuxRuntime, make_root: MakeRoot, data_dir: Path
+) -> None:
+    sandbox_id, root = new_id(), make_root()
+    handle = await start_in_other_process(data_dir, sandbox_id, root)
+    jail = await runtime.attach(sandbox_id, root, handle)
+    assert jail is not None
+    assert jail.is_alive()
+    assert (await sh(jail, "hostname")).strip() == sandbox_id
+    pid, start_time = handle.split(":")
+    assert await runtime.attach(sandbox_id, root, f"{pid}:{int(start_time) + 1}") is None
+    assert sandbox_id in await runtime.list_jails()
+    await jail.stop()
+    assert await runtime.attach(sandbox_id, root, handle) is None
+
+
+async def test_destroy_leftover_of_a_jail_without_record(
+    runtime: LinuxRuntime, make_root: MakeRoot, data_dir: Path
+) -> None:
+    sandbox_id, root = new_id(), make_root()
+    await start_in_other_process(data_dir, sandbox_id, root)
+    assert sandbox_id in await runtime.list_jails()
+    assert processes_rooted_at(root) != []
+    await runtime.destroy_leftover(sandbox_id)
+    assert sandbox_id not in await runtime.list_jails()
+    assert processes_rooted_at(root) == []
+    assert not any(d.exists() for d in cgroup_dirs(sandbox_id))
+
+
+# Runs start() but stops forever at a chosen point, to be SIGKILLed there like a crashed service.
+START_AND_HANG = """
+import asyncio, sys, time
+from pathlib import Path
+from coppice_api.jails.runtime import linux
+from coppice_api.jails.runtime.base import Limits
+
+stage = sys.argv[4]
+runtime = linux.LinuxRuntime(Path(sys.argv[1]))
+if stage == "cgroups":
+    prepare = runtime._prepare
+    def hang_after_prepare(*args):
+        prepare(*args)
+        print("reached", flush=True)
+        time.sleep(1000)
+    runtime._prepare = hang_after_prepare
+else:
+    spawn = asyncio.create_subprocess_exec
+    async def hang_after_spawn(*args, **kwargs):
+        process = await spawn(*args, **kwargs)
+        if stage == "ready":
+            await process.stdout.readline()  # the jail is up
+        print("reached", flush=True)
+        await asyncio.sleep(1000)
+    linux.asyncio.create_subprocess_exec = hang_after_spawn
+asyncio.run(runtime.start(sys.argv[2], Path(sys.argv[3]), Limits()))
+"""
+
+
+@pytest.mark.parametrize("stage", ["cgroups", "spawned", "ready"])
+async def test_kill_9_during_start_leaves_nothing_after_cleanup(
+    runtime: LinuxRuntime, make_root: MakeRoot, data_dir: Path, stage: str
+) -> None:
+    sandbox_id, root = new_id(), make_root()
+    service = await python_subprocess(START_AND_HANG, str(data_dir), sandbox_id, str(root), stage)
+    assert service.stdout is not None
+    assert await asyncio.wait_for(service.stdout.readline(), HANG) == b"reached\n"
+    service.kill()
+    await service.wait()
+    assert sandbox_id in await runtime.list_jails()
+    await runtime.destroy_leftover(sandbox_id)
+    assert sandbox_id not in await runtime.list_jails()
+    assert processes_rooted_at(root) == []
+    assert not any(d.exists() for d in cgroup_dirs(sandbox_id))
+    assert not (data_dir / "run" / f"{sandbox_id}.sock").exists()
+
+
+async def test_bad_sandbox_ids_are_refused(runtime: LinuxRuntime, make_root: MakeRoot) -> None:
+    for bad in ("../x", "a/b", "", "UPPER", "a" * 64):
+        with pytest.raises(Exception, match="invalid sandbox id"):
+            await runtime.start(bad, make_root(), Limits())
+
+
+async def test_start_failure_rolls_back(runtime: LinuxRuntime, tmp_path: Path) -> None:
+    sandbox_id = new_id()
+    with pytest.raises(Exception, match="did not start"):
+        await runtime.start(sandbox_id, tmp_path / "no-such-root", Limits())
+    assert sandbox_id not in await runtime.list_jails()
+    assert not any(d.exists() for d in cgroup_dirs(sandbox_id))
