@@ -1,0 +1,120 @@
+"""Which sandbox, and which of its servers, a gateway request is for.
+
+In order: the Host header `<port>-<id>.<domain>[:port]`; else the `E2b-Sandbox-Id` and
+`E2b-Sandbox-Port` headers (E2B_SANDBOX_URL and debug clients); else, when nothing names a
+sandbox (debug mode's `localhost:49983`), the most recently started one. The port label picks the
+handler set; without one, the listener's own port does.
+
+During a request, service code reads the routed sandbox and the effective user from here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+from coppice_api.jails.confined import ConfinedRoot
+from coppice_api.jails.runtime.base import User
+from coppice_envd.auth import effective_user
+from coppice_envd.sandboxes import SandboxLookup, SandboxView
+
+ENVD_PORT = 49983
+INTERPRETER_PORT = 49999
+# The sandbox id of SDKs in debug mode: it names no sandbox, so the most recent one serves.
+DEBUG_SANDBOX_ID = "debug_sandbox_id"
+
+
+def sandbox_from_host(host: str) -> tuple[str, str] | None:
+    """(port label, sandbox id) from `<port>-<id>.<domain>[:port]`; None if it names none."""
+    hostname = host.partition(":")[0]
+    label, dash, rest = hostname.partition("-")
+    sandbox_id, dot, _domain = rest.partition(".")
+    if not dash or not dot or not label.isdigit() or not sandbox_id:
+        return None
+    return label, sandbox_id
+
+
+class RoutingError(Exception):
+    """The request names no live sandbox (or a port it does not serve): the edge's 502."""
+
+
+@dataclass(frozen=True)
+class Route:
+    sandbox: SandboxView
+    port: int  # ENVD_PORT or INTERPRETER_PORT
+
+
+def route_request(
+    headers: Mapping[str, str], listener_port: int | None, lookup: SandboxLookup
+) -> Route:
+    """The sandbox and port a request is for; `headers` has lower-case names."""
+    named = sandbox_from_host(headers.get("host", ""))
+    if named is not None:
+        label, sandbox_id = named
+    else:
+        sandbox_id = headers.get("e2b-sandbox-id", "")
+        label = headers.get("e2b-sandbox-port", "")
+    if sandbox_id and sandbox_id != DEBUG_SANDBOX_ID:
+        sandbox = lookup.get(sandbox_id)
+        if sandbox is None:
+            raise RoutingError(f"sandbox '{sandbox_id}' is not running")
+    else:
+        sandbox = lookup.most_recent()
+        if sandbox is None:
+            raise RoutingError("no sandbox is running")
+    if label:
+        port = int(label) if label.isdigit() else -1
+    else:
+        port = INTERPRETER_PORT if listener_port == INTERPRETER_PORT else ENVD_PORT
+    if port not in (ENVD_PORT, INTERPRETER_PORT):
+        raise RoutingError(f"port {label} of sandbox '{sandbox.sandbox_id}' is not open")
+    return Route(sandbox=sandbox, port=port)
+
+
+@dataclass
+class RequestScope:
+    """What one gateway request acts on: its sandbox and its (lazily resolved) user."""
+
+    sandbox: SandboxView
+    basic_user: str | None  # from `Authorization: Basic`, None without it
+    _user: User | None = field(default=None, repr=False)
+
+    def user_sync(self, root: ConfinedRoot | None = None) -> User:
+        """The effective user (blocking; raises auth.UnknownUser)."""
+        if self._user is None:
+            if root is None:
+                with ConfinedRoot(self.sandbox.jail.root) as own_root:
+                    self._user = self._lookup(own_root)
+            else:
+                self._user = self._lookup(root)
+        return self._user
+
+    def _lookup(self, root: ConfinedRoot) -> User:
+        return effective_user(root, self.basic_user, self.sandbox.default_user)
+
+
+_current: ContextVar[RequestScope] = ContextVar("coppice_gateway_request")
+
+
+def enter_request(scope: RequestScope) -> None:
+    """Bind `scope` to the running request (the gateway app calls this once per request)."""
+    _current.set(scope)
+
+
+def current_request() -> RequestScope:
+    """The request being served; LookupError outside a gateway request."""
+    return _current.get()
+
+
+def current_sandbox() -> SandboxView:
+    return _current.get().sandbox
+
+
+async def current_user() -> User:
+    """The effective user of the request being served (raises auth.UnknownUser)."""
+    scope = _current.get()
+    if scope._user is not None:
+        return scope._user
+    return await asyncio.to_thread(scope.user_sync)
