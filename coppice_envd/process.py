@@ -149,7 +149,8 @@ class ProcessService:
         if table is not None:
             await table.close()
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
+        """Kill every process of every sandbox (the gateway is shutting down)."""
         for sandbox_id in list(self._tables):
             await self.forget(sandbox_id)
 

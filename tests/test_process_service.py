@@ -170,7 +170,7 @@ async def sandbox(tmp_path: Path) -> Sandbox:
 async def service(sandbox: Sandbox) -> AsyncIterator[ProcessService]:
     service = ProcessService(sandbox.scope)
     yield service
-    await service.close()
+    await service.aclose()
 
 
 def context(
@@ -761,7 +761,7 @@ async def client(
     app = routed(process_connect.ProcessASGIApplication(service), sandbox)
     async with serving(app) as url:
         yield process_connect.ProcessClient(url, codec=google_protobuf_json_codec()), service
-    await service.close()
+    await service.aclose()
 
 
 async def test_http_start_and_errors(
