@@ -1,0 +1,669 @@
+"""Templates: a root filesystem in a Storage plus metadata (default user, workdir, env).
+
+Metadata lives as JSON in `<data_dir>/templates/<name>.json`, written atomically and last, so
+a template counts only once both its files and its metadata exist. Templates come from a
+builder (`debootstrap` + packages, see RECIPES), from a rootfs tarball, or from a sandbox's
+snapshot. Work in progress happens in `<data_dir>/build/<pid>-<name>` under a per-name lock
+file; leftovers of a process that died are removed the next time the store is used.
+
+Storage layout note: give OverlayStorage a base directory other than `<data_dir>` itself
+(e.g. `<data_dir>/overlay`): its `templates/<name>/` dirs would share a directory with the
+metadata files here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import ctypes
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import posixpath
+import signal
+import tarfile
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from coppice_api.jails.confined import ConfinedRoot
+from coppice_api.jails.storage.base import Storage, StorageError, check_name, pid_is_alive
+from coppice_api.jails.users import UnknownUser, lookup_user
+
+Progress = Callable[[str], None]
+
+ALIASES: Mapping[str, str] = {"default": "base"}
+DEFAULT_USER = "user"
+DEFAULT_UID = 1000
+SUITE = "bookworm"
+FALLBACK_MIRROR = "http://deb.debian.org/debian"
+DEBIAN_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
+DEFAULT_ENV: Mapping[str, str] = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+}
+# Bump when the build steps (not the package lists) change, to invalidate cached builds.
+BUILDER_VERSION = 1
+_LOCK_POLL_SECONDS = 0.2
+_MNT_DETACH = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+_BUILD_ENV = {
+    "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+    "LC_ALL": "C",
+    "DEBIAN_FRONTEND": "noninteractive",
+}
+
+
+class TemplateError(Exception):
+    pass
+
+
+class UnknownTemplate(TemplateError, LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to build a template: debootstrap (parent None) or a parent template plus packages."""
+
+    name: str
+    parent: str | None
+    packages: tuple[str, ...]
+
+    def digest(self) -> str:
+        """Changes whenever what the builder would produce changes (parents included)."""
+        parent = RECIPES[self.parent].digest() if self.parent else None
+        spec = [BUILDER_VERSION, SUITE, self.name, parent, sorted(self.packages)]
+        return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
+
+
+RECIPES: Mapping[str, Recipe] = {
+    "base": Recipe(
+        "base",
+        None,
+        (
+            "bash", "coreutils", "procps", "python3", "curl", "git", "sudo",
+            "ca-certificates",
+            # Resolves the jail's own hostname (the sandbox id) so sudo & co. stay quiet.
+            "libnss-myhostname",
+        ),
+    ),
+    "code-interpreter-v1": Recipe(
+        "code-interpreter-v1",
+        "base",
+        ("python3-ipykernel", "python3-numpy", "python3-pandas", "python3-matplotlib"),
+    ),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TemplateInfo:
+    name: str
+    backend: str
+    created: str  # ISO 8601, UTC
+    size_bytes: int
+    user: str
+    workdir: str
+    env: dict[str, str] = field(default_factory=dict)
+    origin: str = "build"  # build | import | snapshot
+    parent: str | None = None
+    recipe: str | None = None  # Recipe.digest() of a built template
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> TemplateInfo:
+        return cls(**json.loads(text))
+
+
+def debian_mirror(sources: Path = DEBIAN_SOURCES) -> str:
+    """The first `URIs:` of the machine's deb822 Debian sources, else deb.debian.org."""
+    try:
+        for line in sources.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "URIs" and value.split():
+                return value.split()[0]
+    except OSError:
+        pass
+    return FALLBACK_MIRROR
+
+
+class TemplateStore:
+    """Templates of one data dir on one Storage. All methods are safe to call from the loop."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        storage: Storage,
+        cache_dir: Path | None = None,
+        mirror: str | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir).absolute()
+        self.storage = storage
+        self._meta_dir = self.data_dir / "templates"
+        self._build_dir = self.data_dir / "build"
+        self._cache_dir = Path(cache_dir).absolute() if cache_dir else self.data_dir / "cache"
+        self._mirror = mirror
+        self._ready = False
+        self._ready_lock = asyncio.Lock()
+
+    # Queries --------------------------------------------------------------------------------
+    def resolve(self, name: str) -> str:
+        """The template an alias stands for (`default` → `base`)."""
+        return ALIASES.get(name, name)
+
+    async def list(self) -> list[TemplateInfo]:
+        await self._ensure_ready()
+        in_storage = set(await self.storage.list_templates())
+        infos = await asyncio.to_thread(self._read_all_metadata)
+        return [info for info in infos if info.name in in_storage]
+
+    async def get(self, name: str) -> TemplateInfo:
+        """A template's metadata (aliases resolved); UnknownTemplate names the available ones."""
+        await self._ensure_ready()
+        resolved = self.resolve(name)
+        info = await asyncio.to_thread(self._read_metadata, resolved)
+        if info is None:
+            await self._raise_unknown(name)
+        assert info is not None
+        return info
+
+    async def root(self, name: str) -> Path:
+        """Where the template's files are (for reading only)."""
+        return await self.storage.template_root((await self.get(name)).name)
+
+    async def _raise_unknown(self, name: str) -> None:
+        available = sorted({i.name for i in await self.list()} | set(ALIASES))
+        buildable = sorted(set(RECIPES) - set(available))
+        message = f"unknown template {name!r}; available: {', '.join(available) or 'none'}"
+        if buildable:
+            message += f" (buildable: {', '.join(buildable)})"
+        raise UnknownTemplate(message)
+
+    # Making and removing --------------------------------------------------------------------
+    async def ensure(self, name: str, progress: Progress | None = None) -> TemplateInfo:
+        """The template, built first if it is a known recipe that has not been built yet."""
+        resolved = self.resolve(name)
+        with contextlib.suppress(UnknownTemplate):
+            return await self.get(resolved)
+        if resolved not in RECIPES:
+            await self._raise_unknown(name)
+        return await self._build(resolved, progress or _quiet, exist_ok=True)
+
+    async def build(self, name: str, progress: Progress | None = None) -> TemplateInfo:
+        """Build a template from its recipe (`base`, `code-interpreter-v1`)."""
+        resolved = self.resolve(name)
+        if resolved not in RECIPES:
+            raise TemplateError(
+                f"no recipe to build {name!r}; buildable: {', '.join(sorted(RECIPES))}"
+            )
+        return await self._build(resolved, progress or _quiet, exist_ok=False)
+
+    async def import_tar(
+        self, name: str, tar_path: Path, progress: Progress | None = None
+    ) -> TemplateInfo:
+        """A template from a root filesystem tarball (plain or compressed)."""
+        say = progress or _quiet
+        self._check_new_name(name)
+        tar_path = Path(tar_path)
+        async with self._creating(name) as work:
+            say(f"checking {tar_path}")
+            count = await asyncio.to_thread(check_tar_members, tar_path)
+            rootfs = work / "rootfs"
+            await asyncio.to_thread(rootfs.mkdir)
+            say(f"unpacking {count} entries")
+            await _stream(
+                [
+                    "tar", "-x", "-p", "--numeric-owner", "--xattrs", "--xattrs-include=*",
+                    "-f", str(tar_path), "-C", str(rootfs),
+                ],
+                say,
+            )  # fmt: skip
+            return await self._publish(name, rootfs, say, origin="import")
+
+    async def snapshot_sandbox(self, sandbox_id: str, name: str, parent: str) -> TemplateInfo:
+        """A new template from a sandbox's current files, inheriting its template's defaults."""
+        self._check_new_name(name)
+        parent_info = await self.get(parent)
+        async with self._creating(name):
+            await self.storage.snapshot(sandbox_id, name)
+            info = TemplateInfo(
+                name=name,
+                backend=self.storage.name,
+                created=_now(),
+                size_bytes=await self.storage.template_size(name),
+                user=parent_info.user,
+                workdir=parent_info.workdir,
+                env=dict(parent_info.env),
+                origin="snapshot",
+                parent=parent_info.name,
+            )
+            await asyncio.to_thread(self._write_metadata, info)
+            return info
+
+    async def delete(self, name: str) -> None:
+        """Remove a template (refused while sandboxes or other templates depend on it)."""
+        info = await self.get(name)
+        if name in ALIASES:
+            raise TemplateError(f"{name!r} is an alias of {info.name!r}; delete that instead")
+        async with self._name_lock(info.name):
+            # Files first: if they are in use, the metadata must stay.
+            await self.storage.delete_template(info.name)
+            await asyncio.to_thread(self._metadata_path(info.name).unlink, True)
+
+    # Building -------------------------------------------------------------------------------
+    async def _build(self, name: str, say: Progress, exist_ok: bool) -> TemplateInfo:
+        recipe = RECIPES[name]
+        parent = await self.ensure(recipe.parent, say) if recipe.parent else None
+        started = time.monotonic()
+        async with self._creating(name, exist_ok=exist_ok) as work:
+            existing = await asyncio.to_thread(self._read_metadata, name)
+            if existing is not None:  # built by someone else while we waited for the lock
+                return existing
+            rootfs = work / "rootfs"
+            if parent is None:
+                await self._debootstrap(recipe, rootfs, say)
+            else:
+                say(f"[{name}] copying {parent.name}")
+                source = await self.storage.template_root(parent.name)
+                await _stream(
+                    ["cp", "-a", "-x", "--reflink=auto", "--", str(source), str(rootfs)], say
+                )
+                await self._apt_install(recipe, rootfs, say)
+            await asyncio.to_thread(_tidy_apt, rootfs)
+            info = await self._publish(name, rootfs, say, origin="build", recipe=recipe)
+        say(f"[{name}] built in {time.monotonic() - started:.1f} s ({info.size_bytes >> 20} MiB)")
+        return info
+
+    async def _debootstrap(self, recipe: Recipe, rootfs: Path, say: Progress) -> None:
+        mirror = self._mirror if self._mirror else await asyncio.to_thread(debian_mirror)
+        cache = self._cache_dir / "debootstrap"
+        await asyncio.to_thread(cache.mkdir, parents=True, exist_ok=True)
+        say(f"[{recipe.name}] debootstrap {SUITE} from {mirror}")
+        # In a private mount namespace, the /proc, /sys, /dev mounts debootstrap makes inside
+        # the tree die with it, even when it is killed half-way.
+        await _stream(
+            [
+                "unshare", "-m", "--propagation", "private",
+                "debootstrap", "--variant=minbase", f"--include={','.join(recipe.packages)}",
+                f"--cache-dir={cache}", SUITE, str(rootfs), mirror,
+            ],
+            say,
+        )  # fmt: skip
+        say(f"[{recipe.name}] adding user {DEFAULT_USER} (uid {DEFAULT_UID})")
+        uid = str(DEFAULT_UID)
+        await _stream(["chroot", str(rootfs), "groupadd", "-g", uid, DEFAULT_USER], say)
+        await _stream(
+            [
+                "chroot", str(rootfs), "useradd", "-m", "-u", uid, "-g", uid,
+                "-s", "/bin/bash", DEFAULT_USER,
+            ],
+            say,
+        )  # fmt: skip
+        await asyncio.to_thread(_configure_base, rootfs)
+
+    async def _apt_install(self, recipe: Recipe, rootfs: Path, say: Progress) -> None:
+        archives = self._cache_dir / "apt-archives"
+        await asyncio.to_thread((archives / "partial").mkdir, parents=True, exist_ok=True)
+        say(f"[{recipe.name}] apt-get install {' '.join(recipe.packages)}")
+        await _stream(
+            [
+                "unshare", "-m", "--propagation", "private",
+                "sh", "-euc", _APT_INSTALL_SCRIPT, "sh", str(rootfs), str(archives),
+                *recipe.packages,
+            ],
+            say,
+        )  # fmt: skip
+
+    async def _publish(
+        self,
+        name: str,
+        rootfs: Path,
+        say: Progress,
+        origin: str,
+        recipe: Recipe | None = None,
+    ) -> TemplateInfo:
+        """Hand a finished tree to the storage and write the metadata (the last step)."""
+        user, workdir = await asyncio.to_thread(_default_user, rootfs)
+        say(f"[{name}] storing in {self.storage.name} storage")
+        await self.storage.add_template(name, rootfs)
+        info = TemplateInfo(
+            name=name,
+            backend=self.storage.name,
+            created=_now(),
+            size_bytes=await self.storage.template_size(name),
+            user=user,
+            workdir=workdir,
+            env=dict(DEFAULT_ENV),
+            origin=origin,
+            parent=recipe.parent if recipe else None,
+            recipe=recipe.digest() if recipe else None,
+        )
+        await asyncio.to_thread(self._write_metadata, info)
+        return info
+
+    # Locks, work dirs, leftovers ------------------------------------------------------------
+    def _check_new_name(self, name: str) -> None:
+        try:
+            check_name("template", name)
+        except StorageError as e:
+            raise TemplateError(str(e)) from e
+        if name in ALIASES:
+            raise TemplateError(f"{name!r} is reserved (an alias of {ALIASES[name]!r})")
+
+    @contextlib.asynccontextmanager
+    async def _creating(self, name: str, exist_ok: bool = False) -> AsyncIterator[Path]:
+        """Hold the name's lock and a fresh work dir; on any failure, leave nothing behind."""
+        self._check_new_name(name)
+        await self._ensure_ready()
+        async with self._name_lock(name):
+            if not exist_ok and await asyncio.to_thread(self._metadata_path(name).exists):
+                raise TemplateError(f"template {name!r} already exists")
+            if await self.storage.has_template(name) and not await asyncio.to_thread(
+                self._metadata_path(name).exists
+            ):
+                # Files without metadata: an interrupted earlier attempt.
+                await self.storage.delete_template(name)
+            work = self._build_dir / f"{os.getpid()}-{name}"
+            await asyncio.to_thread(_remove_tree, work)
+            await asyncio.to_thread(work.mkdir, parents=True)
+            try:
+                yield work
+            except BaseException:
+                if not await asyncio.to_thread(self._metadata_path(name).exists):
+                    with contextlib.suppress(StorageError):
+                        await asyncio.shield(self.storage.delete_template(name))
+                raise
+            finally:
+                await asyncio.shield(asyncio.to_thread(_remove_tree, work))
+
+    @contextlib.asynccontextmanager
+    async def _name_lock(self, name: str) -> AsyncIterator[None]:
+        """An flock shared by every process using this data dir (polled: cancellable)."""
+        path = self._build_dir / f"{name}.lock"
+        await asyncio.to_thread(self._build_dir.mkdir, parents=True, exist_ok=True)
+        fd = await asyncio.to_thread(os.open, path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            # Another process holds it: there is no event to wait on, so poll.
+            while not _try_lock(fd):  # noqa: ASYNC110
+                await asyncio.sleep(_LOCK_POLL_SECONDS)
+            yield
+        finally:
+            os.close(fd)
+
+    async def _ensure_ready(self) -> None:
+        if self._ready:
+            return
+        async with self._ready_lock:
+            if not self._ready:
+                await asyncio.to_thread(self._meta_dir.mkdir, parents=True, exist_ok=True)
+                await self._drop_leftovers()
+                self._ready = True
+
+    async def _drop_leftovers(self) -> None:
+        """Remove work dirs of dead builders and template files that never got metadata."""
+
+        def dead_work_dirs() -> list[Path]:
+            if not self._build_dir.is_dir():
+                return []
+            return [p for p in self._build_dir.iterdir() if p.is_dir() and _owner_is_dead(p.name)]
+
+        for work in await asyncio.to_thread(dead_work_dirs):
+            await asyncio.to_thread(_remove_tree, work)
+        known = {i.name for i in await asyncio.to_thread(self._read_all_metadata)}
+        for name in set(await self.storage.list_templates()) - known:
+            async with self._try_name_lock(name) as locked:
+                if locked and not await asyncio.to_thread(self._metadata_path(name).exists):
+                    with contextlib.suppress(StorageError):
+                        await self.storage.delete_template(name)
+
+    @contextlib.asynccontextmanager
+    async def _try_name_lock(self, name: str) -> AsyncIterator[bool]:
+        path = self._build_dir / f"{name}.lock"
+        await asyncio.to_thread(self._build_dir.mkdir, parents=True, exist_ok=True)
+        fd = await asyncio.to_thread(os.open, path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            yield _try_lock(fd)
+        finally:
+            os.close(fd)
+
+    # Metadata files -------------------------------------------------------------------------
+    def _metadata_path(self, name: str) -> Path:
+        return self._meta_dir / f"{name}.json"
+
+    def _read_metadata(self, name: str) -> TemplateInfo | None:
+        try:
+            check_name("template", name)
+            return TemplateInfo.from_json(self._metadata_path(name).read_text())
+        except (FileNotFoundError, StorageError):
+            return None
+
+    def _read_all_metadata(self) -> builtins.list[TemplateInfo]:
+        infos = []
+        for path in sorted(self._meta_dir.glob("*.json")):
+            info = self._read_metadata(path.name.removesuffix(".json"))
+            if info is not None:
+                infos.append(info)
+        return infos
+
+    def _write_metadata(self, info: TemplateInfo) -> None:
+        path = self._metadata_path(info.name)
+        tmp = path.with_name(f".{info.name}.{os.getpid()}.tmp")
+        with open(tmp, "w") as f:
+            f.write(info.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+# Command-line entry points (the CLI parses arguments and calls these) ------------------------
+async def template_build_command(store: TemplateStore, name: str, echo: Progress) -> None:
+    """`coppice template build NAME`: build with progress lines on `echo`."""
+    info = await store.build(name, echo)
+    echo(f"template {info.name} ready ({info.size_bytes >> 20} MiB, {info.backend})")
+
+
+async def template_import_command(
+    store: TemplateStore, name: str, tar_path: Path, echo: Progress
+) -> None:
+    """`coppice template import NAME ROOTFS.tar`."""
+    info = await store.import_tar(name, tar_path, echo)
+    echo(f"template {info.name} imported ({info.size_bytes >> 20} MiB, user {info.user})")
+
+
+async def template_list_command(store: TemplateStore, echo: Progress) -> None:
+    """`coppice template list`: name, size, created, backend (and aliases)."""
+    echo(format_template_table(await store.list()))
+
+
+def format_template_table(infos: Sequence[TemplateInfo]) -> str:
+    aliases: dict[str, list[str]] = {}
+    for alias, target in ALIASES.items():
+        aliases.setdefault(target, []).append(alias)
+    rows = [("NAME", "SIZE", "CREATED", "BACKEND", "ALIASES")]
+    for i in infos:
+        size = f"{i.size_bytes / 2**20:.0f} MiB"
+        rows.append((i.name, size, i.created, i.backend, ",".join(aliases.get(i.name, []))))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+# Helpers (blocking ones run in threads) -----------------------------------------------------
+def _quiet(line: str) -> None:
+    pass
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _owner_is_dead(entry: str) -> bool:
+    pid, _, _ = entry.partition("-")
+    return not pid.isdigit() or not pid_is_alive(int(pid))
+
+
+async def _stream(argv: Sequence[str], say: Progress) -> None:
+    """Run a command, passing each output line to `say`; kill its process group if cancelled."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=_BUILD_ENV,
+        start_new_session=True,
+        limit=1 << 20,
+    )
+    tail: deque[str] = deque(maxlen=15)
+    try:
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            if line:
+                tail.append(line)
+                say(line)
+        returncode = await proc.wait()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await asyncio.shield(proc.wait())
+        raise
+    if returncode != 0:
+        raise TemplateError(
+            f"`{' '.join(argv[:3])} …` failed (exit {returncode}):\n" + "\n".join(tail)
+        )
+
+
+# Runs as `sh -euc SCRIPT sh ROOTFS ARCHIVES PACKAGE...` inside `unshare -m --propagation
+# private`, so its mounts vanish with it; policy-rc.d stops packages from starting services.
+_APT_INSTALL_SCRIPT = r"""
+root=$1; archives=$2; shift 2
+mount -t proc proc "$root/proc"
+mount --bind /dev "$root/dev"
+mount --bind "$archives" "$root/var/cache/apt/archives"
+printf '#!/bin/sh\nexit 101\n' > "$root/usr/sbin/policy-rc.d"
+chmod 755 "$root/usr/sbin/policy-rc.d"
+trap 'rm -f "$root/usr/sbin/policy-rc.d"' EXIT
+chroot "$root" apt-get update
+chroot "$root" apt-get install -y --no-install-recommends "$@"
+"""
+
+
+def _configure_base(rootfs: Path) -> None:
+    """Passwordless sudo for the default user; hostname and hosts fit for a jail."""
+    sudoers = rootfs / "etc" / "sudoers.d" / DEFAULT_USER
+    sudoers.write_text(f"{DEFAULT_USER} ALL=(ALL) NOPASSWD:ALL\n")
+    sudoers.chmod(0o440)
+    (rootfs / "etc" / "hostname").write_text("coppice\n")
+    (rootfs / "etc" / "hosts").write_text(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+    )
+
+
+def _tidy_apt(rootfs: Path) -> None:
+    """Drop downloaded packages and indexes: they belong in the cache, not in every template."""
+    for pattern in ("var/cache/apt/archives/*.deb", "var/cache/apt/*.bin", "var/lib/apt/lists/*"):
+        for path in rootfs.glob(pattern):
+            if path.is_file() and not path.is_symlink() and path.name != "lock":
+                path.unlink()
+
+
+def _default_user(rootfs: Path) -> tuple[str, str]:
+    """(`user`, its home) if the tree has that user with an existing home, else root's."""
+    root = ConfinedRoot(rootfs)
+    try:
+        try:
+            user = lookup_user(root, DEFAULT_USER)
+        except UnknownUser:
+            return "root", "/root" if _confined_is_dir(root, "/root") else "/"
+        return user.name, user.home if _confined_is_dir(root, user.home) else "/"
+    finally:
+        root.close()
+
+
+def _confined_is_dir(root: ConfinedRoot, path: str) -> bool:
+    try:
+        fd = root.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def _member_path(name: str) -> str:
+    """A tar member's path relative to the target, or TemplateError if it could escape."""
+    if name.startswith("/") or ".." in name.split("/"):
+        raise TemplateError(f"unsafe tar member {name!r}: absolute or contains '..'")
+    normal = posixpath.normpath(name)
+    return "" if normal == "." else normal
+
+
+def check_tar_members(tar_path: Path) -> int:
+    """Refuse a tarball any of whose entries could land outside the target; return the count.
+
+    Symlinks may point anywhere (they are resolved inside the jail later), but no entry may be
+    written through one, and hard links must stay inside.
+    """
+    symlinks: set[str] = set()
+    paths: list[str] = []
+    try:
+        with tarfile.open(tar_path, "r:*") as tar:
+            for member in tar:
+                path = _member_path(member.name)
+                paths.append(path)
+                if member.issym():
+                    symlinks.add(path)
+                elif member.islnk():
+                    paths.append(_member_path(member.linkname))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise TemplateError(f"cannot read {tar_path} as a tarball: {e}") from e
+    for path in paths:
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in symlinks:
+                raise TemplateError(
+                    f"unsafe tar member {path!r}: it goes through the symlink "
+                    f"{'/'.join(parts[:i])!r}"
+                )
+    if not paths:
+        raise TemplateError(f"{tar_path} is an empty tarball")
+    return len(paths)
+
+
+def _remove_tree(path: Path) -> None:
+    """rm -rf, after unmounting anything still mounted below (never recursing into a mount)."""
+    if not path.exists():
+        return
+    prefix = str(path) + "/"
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split()[4] for line in f]
+    for mount in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
+        _lazy_unmount(mount)
+    # --one-file-system: if an unmount failed, refuse to descend rather than delete through it.
+    done = os.spawnvp(os.P_WAIT, "rm", ["rm", "-rf", "--one-file-system", "--", str(path)])
+    if done != 0:
+        raise TemplateError(f"could not remove {path} (rm exit {done})")
+
+
+def _lazy_unmount(target: str) -> None:
+    if _libc.umount2(os.fsencode(target), _MNT_DETACH) != 0 and ctypes.get_errno() not in (
+        errno.EINVAL,
+        errno.ENOENT,
+    ):
+        raise TemplateError(f"umount {target}: {os.strerror(ctypes.get_errno())}")
