@@ -218,6 +218,40 @@ async def test_root_is_the_sandbox_root(jail: LinuxJail) -> None:
     assert not (jail.root / "tmp" / "in-tmp").exists()
 
 
+ESCAPE_ATTEMPTS = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+def mount():
+    if libc.mount(b"t", b"/mnt", b"tmpfs", 0, None) != 0:
+        raise OSError(ctypes.get_errno(), "mount")
+def attempt(name, action):
+    try:
+        action()
+        print(name, "succeeded")
+    except OSError as e:
+        print(name, "refused", e.errno)
+attempt("chroot", lambda: (os.mkdir("/escape"), os.chroot("/escape")))
+attempt("mknod", lambda: os.mknod("/tmp/disk", 0o600 | 0o60000, os.makedev(8, 0)))
+attempt("core_pattern", lambda: open("/proc/sys/kernel/core_pattern", "w").write("|/x"))
+attempt("mount", mount)
+"""
+
+
+async def test_root_in_the_jail_cannot_get_out(jail: LinuxJail) -> None:
+    """No user namespace, so root is real root: the ways out of a chroot must all be closed."""
+    status, out, err = await run(jail, ["python3", "-c", ESCAPE_ATTEMPTS])
+    assert status == ExitStatus(0), err
+    assert out.splitlines() == [
+        f"chroot refused {errno.EPERM}",
+        f"mknod refused {errno.EPERM}",
+        f"core_pattern refused {errno.EROFS}",
+        f"mount refused {errno.EPERM}",
+    ]
+    # Root still runs as root for ordinary work: owning files, switching users.
+    assert await sh(jail, "touch /f && chown 1000:1000 /f && stat -c %u /f") == "1000\n"
+    assert await sh(jail, "su -s /bin/sh -c 'id -u' user") == "1000\n"
+
+
 async def test_pty_process_sees_a_terminal(jail: LinuxJail) -> None:
     process = await jail.exec(
         ExecSpec(["sh", "-c", "tty; stty size"], ROOT_USER, "/", ENV, (33, 111))

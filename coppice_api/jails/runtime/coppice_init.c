@@ -12,6 +12,11 @@
  *    after the chroot, so a symlink planted in the sandbox cannot redirect a mount onto the host.
  * 4. Then it reaps every process of the jail and serves requests on SOCKET.
  *
+ * There is no user namespace, so root in a jail is real root. Two things keep it inside the
+ * jail: the processes it starts lose every capability but a small set (no chroot, mount, mknod,
+ * raw network, ptrace, module or raw-io capability: none of the ways out of a chroot), and
+ * /proc/sys and friends are read-only (kernel.core_pattern alone would run a host program).
+ *
  * Protocol: SOCK_SEQPACKET, one request or reply per packet, native byte order (same host).
  *   exec request  struct exec_req + gid_t groups[ngroups] + "cwd\0" + argv[argc] + env[envc]
  *                 (each NUL-terminated), with 3 fds (stdin, stdout, stderr) as SCM_RIGHTS unless
@@ -43,6 +48,7 @@
 #include <termios.h>
 #include <unistd.h>
 #include <grp.h>
+#include <linux/capability.h>
 
 enum { OP_EXEC = 1, OP_SIGNAL = 2 };
 enum { REPLY_STARTED = 1, REPLY_FAILED = 2, REPLY_EXITED = 3, REPLY_SIGNALLED = 4 };
@@ -114,6 +120,32 @@ static void mount_or_die(int ready_fd, const char *src, const char *dst, const c
     if (mount(src, dst, type, flags, data) < 0) die(ready_fd, dst);
 }
 
+/* What jailed processes keep (a subset of Docker's defaults; without CAP_SYS_CHROOT, the classic
+   chroot escape is gone, and without CAP_NET_RAW no packet sniffing on the shared network). */
+static const int kept_caps[] = {
+    CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER, CAP_FSETID, CAP_KILL, CAP_SETGID, CAP_SETUID,
+    CAP_SETPCAP, CAP_NET_BIND_SERVICE, CAP_AUDIT_WRITE, CAP_SETFCAP,
+};
+
+static int drop_capabilities(void)
+{
+    for (int cap = 0; prctl(PR_CAPBSET_READ, cap) >= 0; cap++) {
+        int keep = 0;
+        for (size_t i = 0; i < sizeof kept_caps / sizeof kept_caps[0]; i++)
+            keep |= kept_caps[i] == cap;
+        if (!keep && prctl(PR_CAPBSET_DROP, cap) < 0) return -1;
+    }
+    return 0;
+}
+
+static void read_only(int ready_fd, const char *path)
+{
+    if (mount(path, path, NULL, MS_BIND | MS_REC, NULL) < 0 ||
+        mount(NULL, path, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+              NULL) < 0)
+        die(ready_fd, path);
+}
+
 static void setup_dev(int ready_fd)
 {
     static const struct { const char *name; unsigned major, minor; } nodes[] = {
@@ -156,6 +188,10 @@ static void setup_jail(int ready_fd, const char *root, const char *hostname)
     if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0) die(ready_fd, "make / private");
     if (chdir(root) < 0 || chroot(".") < 0 || chdir("/") < 0) die(ready_fd, root);
     mount_or_die(ready_fd, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    static const char *const kernel_knobs[] = {"/proc/sys", "/proc/sysrq-trigger", "/proc/irq",
+                                               "/proc/bus", "/proc/fs"};
+    for (size_t i = 0; i < sizeof kernel_knobs / sizeof kernel_knobs[0]; i++)
+        if (access(kernel_knobs[i], F_OK) == 0) read_only(ready_fd, kernel_knobs[i]);
     setup_dev(ready_fd);
     mount_or_die(ready_fd, "tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
     if (sethostname(hostname, strlen(hostname)) < 0) die(ready_fd, "sethostname");
@@ -248,6 +284,8 @@ static void become(const struct exec_args *a, const int *stdio, int pty_master, 
         for (int i = 0; i < 3; i++)
             if (dup2(stdio[i], i) < 0) goto fail; /* dup2 clears CLOEXEC on 0..2 */
     }
+    stage = "drop capabilities";
+    if (drop_capabilities() < 0) goto fail;
     stage = "set user";
     if (setgroups(a->hdr.ngroups, a->groups) < 0 || setgid(a->hdr.gid) < 0 || setuid(a->hdr.uid) < 0)
         goto fail;
