@@ -17,6 +17,8 @@ import socket
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
 from connectrpc_grpcreflect import (
     ServerReflectionAlphaASGIApplication,
     ServerReflectionAlphaService,
@@ -32,6 +34,7 @@ from protobuf.wkt.google.protobuf import timestamp_pb
 
 from coppice_envd import envd_http, files
 from coppice_envd.auth import UNAUTHORIZED_MESSAGE, basic_auth_user, passes_token_gate
+from coppice_envd.codecs import GATEWAY_CODECS
 from coppice_envd.envd_http import (
     ASGIApp,
     HTTPRequest,
@@ -139,6 +142,9 @@ class Gateway:
 
         try:
             await self._serve(scope, receive, tracking_send, headers)
+        except ConnectError as e:
+            if e.code != Code.CANCELED:  # a client that left is no failure of ours
+                log.exception("gateway request %s %s failed", scope["method"], scope["path"])
         except Exception:
             log.exception("gateway request %s %s failed", scope["method"], scope["path"])
             if not started:
@@ -293,17 +299,17 @@ def build_gateway(
     process_app = process_connect.ProcessASGIApplication(
         process if process is not None else _NoProcessService(),
         read_max_bytes=RPC_READ_MAX_BYTES,
+        codecs=GATEWAY_CODECS,
     )
     filesystem_app = filesystem_connect.FilesystemASGIApplication(
-        filesystem, read_max_bytes=RPC_READ_MAX_BYTES
+        filesystem, read_max_bytes=RPC_READ_MAX_BYTES, codecs=GATEWAY_CODECS
     )
     reflection_v1 = ServerReflectionASGIApplication(ServerReflectionService(*reflection))
     reflection_alpha = ServerReflectionAlphaASGIApplication(
         ServerReflectionAlphaService(*reflection)
     )
     rpc_apps: dict[str, ASGIApp] = {
-        app.path: app
-        for app in (process_app, filesystem_app, reflection_v1, reflection_alpha)
+        app.path: app for app in (process_app, filesystem_app, reflection_v1, reflection_alpha)
     }
     reflection_methods = frozenset(
         f"{app.path}/ServerReflectionInfo" for app in (reflection_v1, reflection_alpha)

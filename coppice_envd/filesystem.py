@@ -306,25 +306,31 @@ class FilesystemService:
         interval = keepalive_interval(ctx)
         loop = asyncio.get_running_loop()
         deadline = None if ctx.timeout_ms is None else loop.time() + ctx.timeout_ms / 1000
+        getter: asyncio.Future[fs.FilesystemEvent] | None = None
         try:
             yield fs.WatchDirResponse(start=fs.WatchDirResponse.StartEvent())
             while True:
                 wait = interval if deadline is None else min(interval, deadline - loop.time())
                 if wait <= 0:
                     raise ConnectError(Code.DEADLINE_EXCEEDED, "context deadline exceeded")
-                getter = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait({getter, runner}, timeout=wait)
+                if getter is None:
+                    getter = asyncio.ensure_future(queue.get())
+                pending: set[asyncio.Future[Any]] = {getter, runner}
+                done, _ = await asyncio.wait(
+                    pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                )
                 if getter in done:
-                    yield fs.WatchDirResponse(filesystem=getter.result())
-                    continue
-                getter.cancel()
-                if runner in done:
+                    event, getter = getter.result(), None
+                    yield fs.WatchDirResponse(filesystem=event)
+                elif runner in done:
                     error = runner.exception()
                     raise ConnectError(Code.INTERNAL, str(error) if error else "watcher stopped")
-                if deadline is None or loop.time() < deadline:
+                elif deadline is None or loop.time() < deadline:
                     yield fs.WatchDirResponse(keepalive=fs.WatchDirResponse.KeepAlive())
         finally:
-            runner.cancel()
+            for task in (getter, runner):
+                if task is not None:
+                    task.cancel()
             with contextlib.suppress(asyncio.CancelledError, WatchError):
                 await runner
             watch.close()

@@ -14,21 +14,25 @@ it); that loop runs in debug mode and `stop()` fails the test if any callback bl
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
+import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import httpx
+from process import process_connect
 
 from coppice_api.jails.runtime.base import ExecSpec, Jail, JailProcess, JailStats
 from coppice_envd.app import build_gateway, serve_gateway
 from coppice_envd.envd_http import ASGIApp
 from coppice_envd.filesystem import FilesystemService
 from coppice_envd.sandboxes import SandboxLookup, SandboxView
-from process import process_connect
 
 USER_UID = 1000
 SLOW_CALLBACK_SECONDS = 0.25
@@ -75,7 +79,7 @@ class StubJail(Jail):
 
 
 def make_root(root: Path, *, shadow: str = "sandbox-shadow\n") -> Path:
-    """A minimal sandbox tree: /etc/passwd, /etc/group, /etc/shadow, /root, /home/user (uid 1000)."""
+    """A minimal sandbox tree: /etc/{passwd,group,shadow}, /root, /tmp, /home/user (uid 1000)."""
     (root / "etc").mkdir(parents=True)
     (root / "etc/passwd").write_text(PASSWD)
     (root / "etc/group").write_text(GROUP)
@@ -212,3 +216,30 @@ def _wait_until_listening(port: int) -> None:
         threading.Event().wait(0.05)
     raise AssertionError("the gateway did not start")
 
+
+def connect_unary(
+    url: str, procedure: str, body: object, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, object]]:
+    """One Connect unary call with the JSON codec: (HTTP status, decoded JSON body)."""
+    response = httpx.post(
+        f"{url}/{procedure}",
+        content=json.dumps(body),
+        headers={"content-type": "application/json", **(headers or {})},
+        timeout=30,
+    )
+    return response.status_code, response.json()
+
+
+def envelope(message: object, flags: int = 0) -> bytes:
+    payload = json.dumps(message).encode()
+    return struct.pack(">BI", flags, len(payload)) + payload
+
+
+def read_envelopes(data: bytes) -> list[tuple[int, dict[str, object]]]:
+    """(flags, JSON) of every Connect envelope in a response body."""
+    frames = []
+    while data:
+        flags, length = struct.unpack(">BI", data[:5])
+        frames.append((flags, json.loads(data[5 : 5 + length])))
+        data = data[5 + length :]
+    return frames
