@@ -356,7 +356,7 @@ async def test_built_code_interpreter_imports_its_packages(
     code_interpreter_template_root: Path,  # noqa: F811
 ) -> None:
     proc = await asyncio.create_subprocess_exec(
-        "chroot", "--userspec=1000:1000", str(code_interpreter_template_root),
+        "/usr/sbin/chroot", "--userspec=1000:1000", str(code_interpreter_template_root),
         "/usr/bin/python3", "-c", "import ipykernel, numpy, pandas, matplotlib; print('ok')",
         stdout=asyncio.subprocess.PIPE,
         env={"HOME": "/home/user", "PATH": "/usr/bin:/bin", "MPLCONFIGDIR": "/tmp"},

@@ -78,6 +78,7 @@ def zfs_test_pool() -> Iterator[str]:
     try:
         if not zfs_daemon_is_live():
             started_pid = _start_daemon(workdir / "zfs-fuse.pid")
+        _forget_dead_test_pools()
         image = workdir / "pool.img"
         _run("truncate", "-s", POOL_FILE_SIZE, str(image))
         _run("zpool", "create", "-m", str(workdir / "mnt"), pool, str(image))
@@ -90,6 +91,16 @@ def zfs_test_pool() -> Iterator[str]:
         if started_pid is not None and not _run("zpool", "list", "-H", "-o", "name").strip():
             _stop_daemon(started_pid)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _forget_dead_test_pools() -> None:
+    """A test run killed with -9 leaves its pool in zpool.cache with the image file gone;
+    the daemon brings it back FAULTED at its next start. Drop such pools of ours."""
+    for line in _run("zpool", "list", "-H", "-o", "name,health").splitlines():
+        name, _, health = line.partition("\t")
+        if name.startswith("coppicetest") and health in ("FAULTED", "UNAVAIL"):
+            with contextlib.suppress(RuntimeError):
+                _run("zpool", "export", "-f", name)
 
 
 def _destroy_pool(pool: str) -> None:

@@ -97,7 +97,12 @@ RECIPES: Mapping[str, Recipe] = {
     "code-interpreter-v1": Recipe(
         "code-interpreter-v1",
         "base",
-        ("python3-ipykernel", "python3-numpy", "python3-pandas", "python3-matplotlib"),
+        (
+            "python3-ipykernel", "python3-numpy", "python3-pandas", "python3-matplotlib",
+            # Satisfies python3-fonttools' "scipy | munkres": without it apt picks scipy,
+            # which drags in pythran, gcc and python3-dev (several hundred MB).
+            "python3-munkres",
+        ),
     ),
 }  # fmt: skip
 
