@@ -136,8 +136,11 @@ class Gateway:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                if "origin" in headers:
-                    message = {**message, "headers": [*message.get("headers", []), *_CORS]}
+                response_headers = message.get("headers", [])
+                if "origin" in headers and not any(
+                    name == b"access-control-allow-origin" for name, _ in response_headers
+                ):
+                    message = {**message, "headers": [*response_headers, *_CORS]}
             await send(message)
 
         try:
