@@ -1,0 +1,422 @@
+"""Jupyter kernels running inside a sandbox's jail, driven from the gateway over ZeroMQ.
+
+The kernel is started with `Jail.exec`, so it runs confined, as the sandbox's user, under the
+sandbox's limits. Its connection file (ports on 127.0.0.1, which jails share with the host, and
+the HMAC key that signs every message) is written into the sandbox root through `ConfinedRoot`.
+The gateway talks to it with jupyter_client's asyncio client; no Jupyter server is involved.
+
+Interrupts are `interrupt_request` messages on the control channel: a signal to whatever wrapper
+the runtime uses to enter the jail would not reach the kernel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import zmq.asyncio
+from jupyter_client.asynchronous.client import AsyncKernelClient
+from jupyter_client.connect import KernelConnectionInfo
+
+from coppice_api.jails.confined import ConfinedRoot
+from coppice_api.jails.runtime.base import (
+    ExecError,
+    ExecSpec,
+    ExitStatus,
+    Jail,
+    JailProcess,
+    ProcessNotFound,
+    User,
+)
+
+log = logging.getLogger(__name__)
+
+KERNEL_DIR = "/run/coppice"  # in the sandbox: connection files and the bash kernel's source
+READY_TIMEOUT = 60.0  # a cold kernel in a jail on a busy machine takes seconds, not minutes
+SHUTDOWN_GRACE = 1.0  # after a shutdown_request, before SIGKILL
+_OUTPUT_TAIL = 4096  # bytes of the kernel's own stdout/stderr kept to explain a failed start
+_BASH_KERNEL_FILE = "bash_kernel.py"
+
+Message = dict[str, Any]
+
+
+class KernelStartError(Exception):
+    """The kernel could not be started or did not become ready; the message says why."""
+
+
+class KernelDied(Exception):
+    """The kernel process ended while a request was waiting for it."""
+
+    def __init__(self, status: ExitStatus | None) -> None:
+        self.status = status
+        if status is None:
+            how = "it was stopped"
+        elif status.signal is not None:
+            how = f"killed by signal {status.signal}"
+        else:
+            how = f"exit code {status.exit_code}"
+        super().__init__(f"the kernel died ({how})")
+
+
+@dataclass(frozen=True)
+class KernelLanguage:
+    """How one language's kernel is launched in the jail."""
+
+    name: str
+    # argv before `-f <connection file>`; `{kernel_dir}` is replaced by KERNEL_DIR.
+    argv: tuple[str, ...]
+    needs_bash_kernel: bool = False
+
+
+# Colors off and full reprs, as the official code-interpreter template configures IPython.
+_IPYTHON_OPTIONS = (
+    "--InteractiveShell.colors=nocolor",
+    "--PlainTextFormatter.max_seq_length=0",
+    "--IPKernelApp.log_level=ERROR",
+)
+
+LANGUAGES: Mapping[str, KernelLanguage] = {
+    "python": KernelLanguage("python", ("python3", "-m", "ipykernel_launcher", *_IPYTHON_OPTIONS)),
+    "bash": KernelLanguage(
+        "bash",
+        ("python3", f"{KERNEL_DIR}/{_BASH_KERNEL_FILE}", "--IPKernelApp.log_level=ERROR"),
+        needs_bash_kernel=True,
+    ),
+}
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports nobody listens on right now (the kernel binds them moments later, as Jupyter does)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _connection_info() -> KernelConnectionInfo:
+    shell, iopub, stdin, control, hb = _free_ports(5)
+    return {
+        "transport": "tcp",
+        "ip": "127.0.0.1",
+        "shell_port": shell,
+        "iopub_port": iopub,
+        "stdin_port": stdin,
+        "control_port": control,
+        "hb_port": hb,
+        "key": secrets.token_hex(32),
+        "signature_scheme": "hmac-sha256",
+        "kernel_name": "",
+    }
+
+
+def _write_in_sandbox(root: Path, path: str, data: bytes, user: User) -> None:
+    """Write `path` (in KERNEL_DIR) inside the sandbox root, readable by `user` only. Blocking."""
+    with ConfinedRoot(root) as confined:
+        parent_fd, name = confined.parent(KERNEL_DIR)
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o711, dir_fd=parent_fd)
+        finally:
+            os.close(parent_fd)
+        fd = confined.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.fchown(fd, user.uid, user.gid)
+            os.fchmod(fd, 0o600)
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
+
+def _remove_in_sandbox(root: Path, path: str) -> None:
+    """Remove `path` from the sandbox root if it is there. Blocking."""
+    with contextlib.suppress(OSError), ConfinedRoot(root) as confined:
+        parent_fd, name = confined.parent(path)
+        try:
+            os.unlink(name, dir_fd=parent_fd)
+        finally:
+            os.close(parent_fd)
+
+
+class _OutputTail:
+    """Drains one of the kernel's pipes, keeping its last bytes for error messages."""
+
+    def __init__(self, fd: int) -> None:
+        self.data = b""
+        self._task = asyncio.create_task(self._drain(fd))
+
+    async def _drain(self, fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        pipe = os.fdopen(fd, "rb", buffering=0)
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), pipe
+        )
+        try:
+            while chunk := await reader.read(65536):
+                self.data = (self.data + chunk)[-_OUTPUT_TAIL:]
+        finally:
+            transport.close()
+
+    async def finished(self) -> str:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(self._task), 1.0)
+        return self.data.decode("utf-8", "replace").strip()
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+
+class KernelRun:
+    """The messages of one request to the kernel (iopub and shell/control replies, by parent)."""
+
+    def __init__(self, kernel: Kernel, msg_id: str) -> None:
+        self._kernel = kernel
+        self.msg_id = msg_id
+        self._queue: asyncio.Queue[Message | None] = asyncio.Queue()
+
+    def deliver(self, msg: Message | None) -> None:
+        """A message for this request, or None: the kernel died."""
+        self._queue.put_nowait(msg)
+
+    async def next(self) -> Message:
+        """The next message; KernelDied if the kernel has ended."""
+        msg = await self._queue.get()
+        if msg is None:
+            self._queue.put_nowait(None)  # every later call sees the death too
+            raise KernelDied(self._kernel.exit_status)
+        return msg
+
+    async def messages(self) -> AsyncIterator[Message]:
+        """Every message of an execution, until the kernel is idle again and has replied."""
+        replied = idle = aborted = False
+        try:
+            while not (replied and (idle or aborted)):
+                msg = await self.next()
+                kind = msg["msg_type"]
+                if kind == "status":
+                    idle = msg["content"].get("execution_state") == "idle"
+                elif kind.endswith("_reply"):
+                    replied = True
+                    aborted = msg["content"].get("status") in ("aborted", "abort")
+                yield msg
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._kernel._runs.pop(self.msg_id, None)
+
+
+class Kernel:
+    """One live kernel process in a jail and the client connected to it."""
+
+    def __init__(
+        self,
+        *,
+        kernel_id: str,
+        language: KernelLanguage,
+        jail: Jail,
+        process: JailProcess,
+        client: AsyncKernelClient,
+        connection_path: str,
+    ) -> None:
+        self.kernel_id = kernel_id
+        self.language = language
+        self.jail = jail
+        self.process = process
+        self.client = client
+        self.connection_path = connection_path
+        self.exit_status: ExitStatus | None = None
+        self._runs: dict[str, KernelRun] = {}
+        self._ended = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._outputs: list[_OutputTail] = []
+        self._closed = False
+
+    @classmethod
+    async def start(
+        cls,
+        jail: Jail,
+        *,
+        kernel_id: str,
+        language: KernelLanguage,
+        user: User,
+        cwd: str,
+        env: Mapping[str, str],
+        zmq_context: zmq.asyncio.Context,
+    ) -> Kernel:
+        """Start a kernel in `jail` and wait until it answers; KernelStartError if it does not."""
+        info = _connection_info()
+        connection_path = f"{KERNEL_DIR}/kernel-{kernel_id}.json"
+        await asyncio.to_thread(
+            _write_in_sandbox, jail.root, connection_path, json.dumps(info).encode(), user
+        )
+        if language.needs_bash_kernel:
+            source = resources.files("coppice_envd").joinpath(_BASH_KERNEL_FILE).read_bytes()
+            await asyncio.to_thread(
+                _write_in_sandbox, jail.root, f"{KERNEL_DIR}/{_BASH_KERNEL_FILE}", source, user
+            )
+        argv: Sequence[str] = [*language.argv, "-f", connection_path]
+        try:
+            process = await jail.exec(ExecSpec(argv=argv, user=user, cwd=cwd, env=dict(env)))
+        except ExecError as err:
+            await asyncio.to_thread(_remove_in_sandbox, jail.root, connection_path)
+            raise KernelStartError(f"cannot start the {language.name} kernel: {err}") from err
+        client = AsyncKernelClient(context=zmq_context)
+        client.load_connection_info(info)
+        client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=True)
+        kernel = cls(
+            kernel_id=kernel_id,
+            language=language,
+            jail=jail,
+            process=process,
+            client=client,
+            connection_path=connection_path,
+        )
+        kernel._watch()
+        try:
+            await kernel._wait_ready()
+        except (KernelDied, TimeoutError) as err:
+            output = await kernel._output()
+            await kernel.kill()
+            reason = output or ("no answer" if isinstance(err, TimeoutError) else str(err))
+            raise KernelStartError(f"the {language.name} kernel did not start: {reason}") from err
+        except BaseException:
+            await kernel.kill()
+            raise
+        return kernel
+
+    def _watch(self) -> None:
+        if self.process.stdin_fd is not None:
+            os.close(self.process.stdin_fd)
+        for fd in (self.process.stdout_fd, self.process.stderr_fd):
+            if fd is not None:
+                self._outputs.append(_OutputTail(fd))
+        self._tasks = [
+            asyncio.create_task(self._pump(self.client.iopub_channel)),
+            asyncio.create_task(self._pump(self.client.shell_channel)),
+            asyncio.create_task(self._pump(self.client.control_channel)),
+            asyncio.create_task(self._wait_exit()),
+        ]
+
+    async def _output(self) -> str:
+        return "\n".join([text for tail in self._outputs if (text := await tail.finished())])
+
+    async def _pump(self, channel: Any) -> None:
+        while True:
+            msg: Message = await channel.get_msg()
+            run = self._runs.get(msg.get("parent_header", {}).get("msg_id", ""))
+            if run is not None:
+                run.deliver(msg)
+
+    async def _wait_exit(self) -> None:
+        try:
+            self.exit_status = await self.process.wait()
+        finally:
+            self._ended.set()
+            for run in self._runs.values():
+                run.deliver(None)
+
+    @property
+    def alive(self) -> bool:
+        return not self._ended.is_set()
+
+    def _send(self, channel: Any, msg_type: str, content: Message) -> KernelRun:
+        if not self.alive:
+            raise KernelDied(self.exit_status)
+        msg = self.client.session.msg(msg_type, content)
+        run = KernelRun(self, msg["header"]["msg_id"])
+        self._runs[run.msg_id] = run
+        channel.send(msg)
+        return run
+
+    def execute(self, code: str, *, silent: bool = False) -> KernelRun:
+        """Send an execute_request; iterate the returned run's `messages()` for its output."""
+        return self._send(
+            self.client.shell_channel,
+            "execute_request",
+            {
+                "code": code,
+                "silent": silent,
+                "store_history": not silent,
+                "user_expressions": {},
+                "allow_stdin": False,
+                # Calls queue here, never in the kernel; with stop_on_error an error's
+                # abort window could swallow the next call.
+                "stop_on_error": False,
+            },
+        )
+
+    async def interrupt(self) -> None:
+        """Ask the kernel to interrupt what it runs (KeyboardInterrupt in Python)."""
+        with contextlib.suppress(KernelDied):
+            self._send(self.client.control_channel, "interrupt_request", {}).close()
+
+    async def _wait_ready(self) -> None:
+        """Until the kernel answers on shell and its iopub messages reach us."""
+        async with asyncio.timeout(READY_TIMEOUT):
+            while True:
+                run = self._send(self.client.shell_channel, "kernel_info_request", {})
+                heard_iopub = False
+                try:
+                    while True:
+                        msg = await run.next()
+                        if msg["msg_type"] == "status":
+                            heard_iopub = True
+                        elif msg["msg_type"] == "kernel_info_reply":
+                            break
+                    # The busy status is published before the reply; give iopub a moment.
+                    if not heard_iopub:
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(0.05):
+                                while not heard_iopub:
+                                    heard_iopub = (await run.next())["msg_type"] == "status"
+                finally:
+                    run.close()
+                if heard_iopub:
+                    return
+
+    async def shutdown(self) -> None:
+        """Ask the kernel to exit; kill it if it does not within SHUTDOWN_GRACE."""
+        if self.alive:
+            with contextlib.suppress(KernelDied):
+                self._send(
+                    self.client.control_channel, "shutdown_request", {"restart": False}
+                ).close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ended.wait(), SHUTDOWN_GRACE)
+        await self.kill()
+
+    async def kill(self) -> None:
+        """Kill the kernel process (if it runs) and release everything it held."""
+        if self.alive:
+            with contextlib.suppress(ProcessNotFound, ProcessLookupError):
+                await self.process.signal(signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ended.wait(), 5.0)
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            if not task.done():
+                task.cancel()
+        for tail in self._outputs:
+            tail.cancel()
+        self.client.stop_channels()
+        await asyncio.to_thread(_remove_in_sandbox, self.jail.root, self.connection_path)
