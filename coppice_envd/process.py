@@ -40,9 +40,11 @@ from coppice_envd.sandboxes import SandboxView
 # envd passes its own PATH on; this is what a Debian root shell has.
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_KEEPALIVE_SECONDS = 90.0
-# envd's wrapper: the child is the one most likely killed on OOM, `cmd` is looked up on PATH by
-# the shell (a missing command exits 127 instead of failing Start), and `exec` keeps the pid.
-_WRAPPER = 'echo 100 > /proc/$$/oom_score_adj 2>/dev/null; exec "$@"'
+# envd runs every command through `sh -c 'exec "$@"'`, so a command that cannot be executed
+# still starts and exits 127 (or 126) with the shell's message. We exec directly (the jail's init
+# searches PATH in the child's environment) and use the shell only when that fails: the same
+# outcome, without a second exec on every start.
+UNEXECUTABLE_FALLBACK = ["/bin/sh", "-c", 'exec "$@"', "--"]
 
 _ERROR_CODES: dict[type[ProcessError], Code] = {
     ProcessNotFound: Code.NOT_FOUND,
@@ -178,24 +180,26 @@ class ProcessService:
             **config.envs,
         }
         pty = (request.pty.size.rows, request.pty.size.cols) if request.HasField("pty") else None
-        spec = ExecSpec(
-            argv=["/bin/sh", "-c", _WRAPPER, "--", config.cmd, *config.args],
-            user=user,
-            cwd=cwd,
-            env=env,
-            pty=pty,
-        )
         original = pb.ProcessConfig()
         original.CopyFrom(config)
+        table = self.table(scope.sandbox)
         timeout_ms = ctx.timeout_ms
-        try:
-            subscription = await self.table(scope.sandbox).start(
-                spec,
+
+        async def start(argv: list[str]) -> Subscription:
+            return await table.start(
+                ExecSpec(argv=argv, user=user, cwd=cwd, env=env, pty=pty),
                 config=original,
                 tag=request.tag if request.HasField("tag") else None,
                 stdin=request.stdin if request.HasField("stdin") else True,
                 kill_after=None if timeout_ms is None else max(timeout_ms, 0) / 1000,
             )
+
+        argv = [config.cmd, *config.args]
+        try:
+            try:
+                subscription = await start(argv)
+            except SpawnFailed:
+                subscription = await start([*UNEXECUTABLE_FALLBACK, *argv])
         except ProcessError as exc:
             raise _rpc_error(exc) from exc
         async for event in _events(subscription, ctx.request_headers, ctx.timeout_ms):

@@ -1,23 +1,20 @@
 """The official `e2b` SDK (sync and async) against the gateway serving a real Linux jail.
 
-The gateway runs in a thread of its own (its own event loop), so the sync SDK can block; the jail
-is the Linux runtime on an overlay of the dev rootfs. The SDK reaches it in debug mode with
-`sandbox_url`, routed by the E2b-Sandbox-Id header it sends.
+The gateway runs in a thread of its own (its own event loop, which must never block), so the sync
+SDK can block; the jail is the Linux runtime on an overlay of the dev rootfs. The SDK reaches
+it in debug mode with `sandbox_url`, routed by the E2b-Sandbox-Id header it sends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import subprocess
-import threading
 import time
 import uuid
-from collections.abc import Coroutine, Iterator
-from concurrent.futures import Future
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pytest
 from e2b import (
@@ -27,122 +24,62 @@ from e2b import (
     Sandbox,
     TimeoutException,
 )
+from gateway_fixtures import StaticLookup, start_gateway
 
 from coppice_api.jails.runtime.base import Limits
-from coppice_api.jails.runtime.linux import LinuxJail, LinuxRuntime
-from coppice_envd.app import build_gateway, serve_gateway
+from coppice_api.jails.runtime.linux import LinuxRuntime
 from coppice_envd.process import ProcessService
-from coppice_envd.sandboxes import SandboxLookup, SandboxView
+from coppice_envd.sandboxes import SandboxView
 
 DEV_ROOTFS = Path("/var/cache/coppice-dev/base")
-T = TypeVar("T")
 
 
-class OneSandbox(SandboxLookup):
-    def __init__(self, view: SandboxView) -> None:
-        self.view = view
-
-    def get(self, sandbox_id: str) -> SandboxView | None:
-        return self.view if sandbox_id == self.view.sandbox_id else None
-
-    def most_recent(self) -> SandboxView | None:
-        return self.view
-
-
-class GatewayThread:
-    """A real jail and the gateway serving it, on an event loop in a background thread."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.sandbox_id = f"e2e{uuid.uuid4().hex[:12]}"
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.merged = workdir / "merged"
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(1024)
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.stop: asyncio.Event | None = None
-        self.server: asyncio.Task[None] | None = None
-        self.jail: LinuxJail | None = None
-        self.service: ProcessService | None = None
-
-    def call(self, coro: Coroutine[Any, Any, T]) -> T:
-        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        return future.result(timeout=120)
-
-    def mount(self) -> None:
-        upper, work = self.workdir / "upper", self.workdir / "work"
-        for directory in (upper, work, self.merged):
-            directory.mkdir(parents=True)
-        options = f"lowerdir={DEV_ROOTFS},upperdir={upper},workdir={work}"
-        subprocess.run(
-            ["mount", "-t", "overlay", "overlay", "-o", options, self.merged], check=True
-        )
-
-    async def _start(self) -> None:
-        runtime = LinuxRuntime(self.workdir / "data")
-        self.jail = await runtime.start(self.sandbox_id, self.merged, Limits())
-        view = SandboxView(
-            sandbox_id=self.sandbox_id,
-            jail=self.jail,
-            access_token=None,
-            env_vars={"FROM_SANDBOX": "yes"},
-        )
-        self.service = ProcessService()
-        app = build_gateway(OneSandbox(view), process=self.service)
-        self.stop = asyncio.Event()
-        self.server = asyncio.get_running_loop().create_task(
-            serve_gateway(app, sockets=[self.listener], shutdown_trigger=self.stop.wait)
-        )
-
-    async def _stop(self) -> None:
-        assert self.stop is not None
-        assert self.server is not None
-        assert self.service is not None
-        self.stop.set()
-        await self.server
-        await self.service.aclose()
-        assert self.jail is not None
-        await self.jail.stop()
-
-    def __enter__(self) -> GatewayThread:
-        self.mount()
-        self.thread.start()
-        try:
-            self.call(self._start())
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            if self.server is not None:
-                self.call(self._stop())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join()
-            self.loop.close()
-            self.listener.detach()  # hypercorn closed the socket
-            subprocess.run(["umount", "--lazy", self.merged], check=False)
+@dataclass
+class RealSandbox:
+    sandbox_id: str
+    url: str
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayThread]:
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealSandbox]:
+    """A Linux jail on an overlay of the dev rootfs, behind the real gateway (in a thread)."""
     if not (DEV_ROOTFS / "etc" / "passwd").exists():
         pytest.fail(f"the dev rootfs {DEV_ROOTFS} is missing (built by the lead's setup)")
-    with GatewayThread(tmp_path_factory.mktemp("process-e2e")) as running:
-        yield running
+    work = tmp_path_factory.mktemp("process-e2e")
+    upper, workdir, merged = work / "upper", work / "work", work / "merged"
+    for directory in (upper, workdir, merged):
+        directory.mkdir()
+    options = f"lowerdir={DEV_ROOTFS},upperdir={upper},workdir={workdir}"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, merged], check=True)
+    sandbox_id = f"e2e{uuid.uuid4().hex[:12]}"
+    try:
+        jail = asyncio.run(LinuxRuntime(work / "data").start(sandbox_id, merged, Limits()))
+        try:
+            view = SandboxView(
+                sandbox_id=sandbox_id,
+                jail=jail,
+                access_token=None,
+                env_vars={"FROM_SANDBOX": "yes"},
+            )
+            # No debug-loop check here: the SDK shares this process's GIL, so on a loaded machine
+            # its steps stretch the gateway's. The unit tests check the service never blocks.
+            with start_gateway(
+                StaticLookup([view]), process=ProcessService(), debug_loop=False
+            ) as running:
+                yield RealSandbox(sandbox_id, running.url)
+        finally:
+            asyncio.run(jail.stop())
+    finally:
+        subprocess.run(["umount", "--lazy", merged], check=True)
 
 
 @pytest.fixture
-def sbx(gateway: GatewayThread) -> Sandbox:
+def sbx(gateway: RealSandbox) -> Sandbox:
     return Sandbox.connect(gateway.sandbox_id, debug=True, sandbox_url=gateway.url)
 
 
 @pytest.fixture
-async def async_sbx(gateway: GatewayThread) -> AsyncSandbox:
+async def async_sbx(gateway: RealSandbox) -> AsyncSandbox:
     return await AsyncSandbox.connect(gateway.sandbox_id, debug=True, sandbox_url=gateway.url)
 
 
@@ -235,7 +172,7 @@ def test_is_running(sbx: Sandbox) -> None:
     assert sbx.is_running() is True
 
 
-def test_concurrent_runs_lose_nothing(gateway: GatewayThread) -> None:
+def test_concurrent_runs_lose_nothing(gateway: RealSandbox) -> None:
     async def many() -> None:
         sandbox = await AsyncSandbox.connect(
             gateway.sandbox_id, debug=True, sandbox_url=gateway.url

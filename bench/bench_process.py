@@ -1,0 +1,216 @@
+"""Speed of envd's Process service through the official SDK, against the floor of the same run.
+
+    .venv/bin/python bench/bench_process.py [--rootfs DIR] [--runs N] [--streams N]
+
+One real Linux jail on an overlay of the dev rootfs, served by the real gateway (hypercorn); the
+SDK runs in a child process, as a real client would. Measures, p50/p95 over N sequential runs:
+  * floor: a plain host spawn of /bin/true, and a raw `Jail.exec` of /bin/true;
+  * a raw `Jail.exec` of what `commands.run("true")` really runs (`/bin/bash -l -c true` as
+    `user`) — the floor of the SDK number;
+  * `sandbox.commands.run("true")` with the sync Python SDK (target p50 <= 8 ms);
+and then S concurrent `commands.run` streams with the async SDK, checking none is lost.
+Needs root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from e2b import AsyncSandbox, Sandbox
+
+from coppice_api.jails.runtime.base import ExecSpec, Jail, JailProcess, Limits, User
+from coppice_api.jails.runtime.linux import LinuxRuntime
+from coppice_envd.app import build_gateway, serve_gateway
+from coppice_envd.process import DEFAULT_PATH, ProcessService
+from coppice_envd.sandboxes import SandboxLookup, SandboxView
+
+ROOT = User("root", 0, 0, "/root", (0,))
+USER = User("user", 1000, 1000, "/home/user", (1000,))
+
+
+class OneSandbox(SandboxLookup):
+    def __init__(self, view: SandboxView) -> None:
+        self.view = view
+
+    def get(self, sandbox_id: str) -> SandboxView | None:
+        return self.view if sandbox_id == self.view.sandbox_id else None
+
+    def most_recent(self) -> SandboxView | None:
+        return self.view
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def close_fds(process: JailProcess) -> None:
+    for fd in (process.stdin_fd, process.stdout_fd, process.stderr_fd, process.pty_fd):
+        if fd is not None:
+            os.close(fd)
+
+
+async def timed(action: Callable[[], Awaitable[object]]) -> float:
+    start = time.perf_counter()
+    await action()
+    return (time.perf_counter() - start) * 1000
+
+
+async def host_true() -> None:
+    process = await asyncio.create_subprocess_exec("/bin/true")
+    await process.wait()
+
+
+async def jail_run(jail: Jail, spec: ExecSpec) -> None:
+    process = await jail.exec(spec)
+    await process.wait()
+    close_fds(process)
+
+
+def sdk_sequential(url: str, sandbox_id: str, runs: int) -> list[float]:
+    sandbox = Sandbox.connect(sandbox_id, debug=True, sandbox_url=url)
+    for _ in range(20):
+        sandbox.commands.run("true")
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        sandbox.commands.run("true")
+        samples.append((time.perf_counter() - start) * 1000)
+    return samples
+
+
+async def sdk_concurrent(url: str, sandbox_id: str, streams: int) -> dict[str, float]:
+    """How many of `streams` concurrent runs came back complete and correct, and the wall time."""
+    sandbox = await AsyncSandbox.connect(sandbox_id, debug=True, sandbox_url=url)
+
+    async def one(index: int) -> bool:
+        result = await sandbox.commands.run(f"echo {index}; echo e{index} >&2", timeout=120)
+        return (result.stdout, result.stderr, result.exit_code) == (f"{index}\n", f"e{index}\n", 0)
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(one(i) for i in range(streams)), return_exceptions=True)
+    elapsed = (time.perf_counter() - start) * 1000
+    return {"complete": sum(1 for r in results if r is True), "wall_ms": elapsed}
+
+
+def client_main(mode: str, url: str, sandbox_id: str, count: int) -> None:
+    """The SDK side, in a process of its own (so it never shares a GIL with the gateway)."""
+    if mode == "sequential":
+        print(json.dumps(sdk_sequential(url, sandbox_id, count)))
+    else:
+        print(json.dumps(asyncio.run(sdk_concurrent(url, sandbox_id, count))))
+
+
+async def run_client(mode: str, url: str, sandbox_id: str, count: int) -> Any:
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--client", mode, url, sandbox_id, str(count),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await child.communicate()
+    if child.returncode != 0:
+        raise SystemExit(f"the SDK client ({mode}) failed")
+    return json.loads(out)
+
+
+async def mount_overlay(lower: Path, base: Path) -> Path:
+    upper, work, merged = base / "upper", base / "work", base / "merged"
+    for d in (upper, work, merged):
+        d.mkdir(parents=True)
+    options = f"lowerdir={lower},upperdir={upper},workdir={work}"
+    mount = await asyncio.create_subprocess_exec(
+        "mount", "-t", "overlay", "overlay", "-o", options, str(merged)
+    )
+    if await mount.wait() != 0:
+        raise SystemExit(f"cannot mount an overlay on {lower}")
+    return merged
+
+
+def row(name: str, samples: list[float], target: str) -> str:
+    p50, p95 = statistics.median(samples), percentile(samples, 0.95)
+    return f"{name:<44} {p50:>8.2f} {p95:>8.2f}   {target}"
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rootfs", type=Path, default=Path("/var/cache/coppice-dev/base"))
+    parser.add_argument("--runs", type=int, default=300)
+    parser.add_argument("--streams", type=int, default=200)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="coppice-bench-process-"))
+    root = await mount_overlay(args.rootfs, work / "sandbox")
+    runtime = LinuxRuntime(work / "data")
+    sandbox_id = f"bench{uuid.uuid4().hex[:12]}"
+    jail = await runtime.start(sandbox_id, root, Limits())
+    try:
+        raw_true = ExecSpec(["/bin/true"], ROOT, "/", {"PATH": DEFAULT_PATH})
+        login_env = {"PATH": DEFAULT_PATH, "HOME": USER.home, "USER": "user", "LOGNAME": "user"}
+        raw_login = ExecSpec(
+            ["/bin/bash", "-l", "-c", "true"],
+            USER,
+            USER.home,
+            login_env,
+        )
+        for _ in range(20):
+            await host_true()
+            await jail_run(jail, raw_true)
+            await jail_run(jail, raw_login)
+        host = [await timed(host_true) for _ in range(args.runs)]
+        in_jail = [await timed(lambda: jail_run(jail, raw_true)) for _ in range(args.runs)]
+        login = [await timed(lambda: jail_run(jail, raw_login)) for _ in range(args.runs)]
+
+        view = SandboxView(sandbox_id=sandbox_id, jail=jail, access_token=None)
+        service = ProcessService()
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1024)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        stopping = asyncio.Event()
+        app = build_gateway(OneSandbox(view), process=service)
+        server = asyncio.create_task(
+            serve_gateway(app, sockets=[listener], shutdown_trigger=stopping.wait)
+        )
+        try:
+            sdk: list[float] = await run_client("sequential", url, sandbox_id, args.runs)
+            concurrent = await run_client("concurrent", url, sandbox_id, args.streams)
+        finally:
+            stopping.set()
+            await server
+            listener.detach()  # hypercorn closed it
+
+        print(f"{'ms (n)':<44} {'p50':>8} {'p95':>8}   target")
+        print(row(f"host spawn /bin/true ({len(host)})", host, "floor"))
+        print(row(f"Jail.exec /bin/true ({len(in_jail)})", in_jail, "floor"))
+        print(row(f"Jail.exec bash -l -c true as user ({len(login)})", login, "SDK's floor"))
+        print(row(f"SDK commands.run('true') ({len(sdk)})", sdk, "p50 <= 8 ms"))
+        overhead = statistics.median(sdk) - statistics.median(login)
+        print(f"{'  SDK p50 - its floor p50':<44} {overhead:>8.2f}")
+        complete = int(concurrent["complete"])
+        print(
+            f"{args.streams} concurrent commands.run streams (async SDK): {complete} complete, "
+            f"{args.streams - complete} lost, {concurrent['wall_ms']:.0f} ms wall"
+        )
+    finally:
+        await jail.stop()
+        umount = await asyncio.create_subprocess_exec("umount", "--lazy", str(root))
+        await umount.wait()
+        await asyncio.to_thread(shutil.rmtree, work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[1] == "--client":
+        client_main(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+    else:
+        asyncio.run(main())
