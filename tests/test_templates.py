@@ -262,14 +262,21 @@ async def test_leftovers_of_a_killed_process_are_removed(
     dead = 2**22 + 1  # above pid_max: no such process
     work = store.data_dir / "build" / f"{dead}-half"
     await asyncio.to_thread((work / "rootfs" / "etc").mkdir, parents=True)
-    tree = tmp_path / "orphan-tree"
-    await asyncio.to_thread((tree / "etc").mkdir, parents=True)
-    await store.storage.add_template("orphan", tree)  # files, but the metadata never came
+    for name in ("orphan", "managers-snapshot"):
+        tree = tmp_path / f"{name}-tree"
+        await asyncio.to_thread((tree / "etc").mkdir, parents=True)
+        await store.storage.add_template(name, tree)
+    # The store had claimed "orphan" (its files came, its metadata never did); the other
+    # storage template was made by someone else (the manager's snapshots) and must stay.
+    await asyncio.to_thread((store.data_dir / "build" / "orphan.lock").touch)
 
     fresh = TemplateStore(store.data_dir, OverlayStorage(store.data_dir / "overlay"))
     assert [i.name for i in await fresh.list()] == ["keep"]
-    assert await fresh.storage.list_templates() == ["keep"]
+    assert await fresh.storage.list_templates() == ["keep", "managers-snapshot"]
     assert not await asyncio.to_thread(work.exists)
+    with pytest.raises(TemplateError, match="already used"):
+        await fresh.import_tar("managers-snapshot", make_rootfs_tar(tmp_path / "k2.tar"))
+    assert await fresh.storage.list_templates() == ["keep", "managers-snapshot"]
 
 
 async def test_cancelled_import_leaves_nothing(store: TemplateStore, tmp_path: Path) -> None:

@@ -368,13 +368,17 @@ class TemplateStore:
         """Hold the name's lock and a fresh work dir; on any failure, leave nothing behind."""
         self._check_new_name(name)
         await self._ensure_ready()
+        claimed_before = await asyncio.to_thread(self._lock_path(name).exists)
         async with self._name_lock(name):
             if not exist_ok and await asyncio.to_thread(self._metadata_path(name).exists):
                 raise TemplateError(f"template {name!r} already exists")
             if await self.storage.has_template(name) and not await asyncio.to_thread(
                 self._metadata_path(name).exists
             ):
-                # Files without metadata: an interrupted earlier attempt.
+                # Files without metadata: an interrupted earlier attempt of ours, or a storage
+                # template someone else made (the manager's sandbox snapshots): not ours to drop.
+                if not claimed_before:
+                    raise TemplateError(f"{name!r} is already used by another storage template")
                 await self.storage.delete_template(name)
             work = self._build_dir / f"{os.getpid()}-{name}"
             await asyncio.to_thread(_remove_tree, work)
@@ -391,10 +395,14 @@ class TemplateStore:
 
     @contextlib.asynccontextmanager
     async def _name_lock(self, name: str) -> AsyncIterator[None]:
-        """An flock shared by every process using this data dir (polled: cancellable)."""
-        path = self._build_dir / f"{name}.lock"
+        """An flock shared by every process using this data dir (polled: cancellable).
+
+        The lock file also claims the name: storage templates without metadata are dropped as
+        leftovers only if their name was claimed here (others belong to the manager)."""
         await asyncio.to_thread(self._build_dir.mkdir, parents=True, exist_ok=True)
-        fd = await asyncio.to_thread(os.open, path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = await asyncio.to_thread(
+            os.open, self._lock_path(name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
         try:
             # Another process holds it: there is no event to wait on, so poll.
             while not _try_lock(fd):  # noqa: ASYNC110
@@ -424,20 +432,26 @@ class TemplateStore:
             await asyncio.to_thread(_remove_tree, work)
         known = {i.name for i in await asyncio.to_thread(self._read_all_metadata)}
         for name in set(await self.storage.list_templates()) - known:
-            async with self._try_name_lock(name) as locked:
+            async with self._try_claimed_lock(name) as locked:
                 if locked and not await asyncio.to_thread(self._metadata_path(name).exists):
                     with contextlib.suppress(StorageError):
                         await self.storage.delete_template(name)
 
     @contextlib.asynccontextmanager
-    async def _try_name_lock(self, name: str) -> AsyncIterator[bool]:
-        path = self._build_dir / f"{name}.lock"
-        await asyncio.to_thread(self._build_dir.mkdir, parents=True, exist_ok=True)
-        fd = await asyncio.to_thread(os.open, path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    async def _try_claimed_lock(self, name: str) -> AsyncIterator[bool]:
+        """The name's lock without waiting, if the name was ever claimed here (else False)."""
+        try:
+            fd = await asyncio.to_thread(os.open, self._lock_path(name), os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            yield False
+            return
         try:
             yield _try_lock(fd)
         finally:
             os.close(fd)
+
+    def _lock_path(self, name: str) -> Path:
+        return self._build_dir / f"{name}.lock"
 
     # Metadata files -------------------------------------------------------------------------
     def _metadata_path(self, name: str) -> Path:
