@@ -1,0 +1,745 @@
+"""The sandbox manager: create, kill, pause, resume, snapshot and fork sandboxes.
+
+It drives three backends (template catalog, copy-on-write storage, jail runtime) and keeps the
+registry the single source of truth. Every multi-step operation undoes what it made, in reverse,
+when a later step fails. A reaper task ends each sandbox at its end time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import re
+import secrets
+import string
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Protocol
+
+from coppice_api.jails.registry import (
+    EventRecord,
+    LogLevel,
+    Page,
+    Registry,
+    SandboxQuery,
+    SandboxRecord,
+    SnapshotPage,
+    SnapshotRecord,
+)
+from coppice_api.jails.runtime.base import Jail, Limits, Runtime
+from coppice_api.jails.storage.base import Storage
+
+log = logging.getLogger(__name__)
+
+CLIENT_ID = "6532622b"  # E2B's constant, deprecated client id
+DEFAULT_TIMEOUT_SECONDS = 300
+MAX_TIMEOUT_SECONDS = 24 * 3600
+ID_LENGTH = 20
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+SNAPSHOT_PREFIX = "snap-"
+FORK_PREFIX = "fork-"
+# Snapshot names are client-chosen labels (E2B allows `team/name:tag`).
+SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+MIB = 1024 * 1024
+
+
+def new_id(prefix: str = "") -> str:
+    """A fresh id: lowercase alphanumerics, safe as one DNS label."""
+    return prefix + "".join(secrets.choice(_ID_ALPHABET) for _ in range(ID_LENGTH))
+
+
+# Errors -------------------------------------------------------------------------------------
+class SandboxError(Exception):
+    """A request the manager refuses or could not carry out; the message is for the client."""
+
+
+class NotFound(SandboxError):
+    pass
+
+
+class TemplateNotFound(NotFound):
+    def __init__(self, name: str, available: Sequence[str]) -> None:
+        self.available = tuple(available)
+        listed = ", ".join(self.available) or "none"
+        super().__init__(f"Template '{name}' not found; available templates: {listed}")
+
+
+class Conflict(SandboxError):
+    pass
+
+
+class InvalidArgument(SandboxError):
+    pass
+
+
+class OperationFailed(SandboxError):
+    """A backend (storage, runtime, registry) failed; what was made has been rolled back."""
+
+
+# Templates ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TemplateInfo:
+    """A template as the manager needs it: name, aliases and the defaults for its processes."""
+
+    name: str
+    aliases: tuple[str, ...] = ()
+    size_bytes: int = 0
+    created_at: float = 0.0
+    default_user: str = "user"
+    default_workdir: str | None = "/home/user"
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+class TemplateCatalog(Protocol):
+    """The built templates (the composition root adapts the template store to this)."""
+
+    async def lookup(self, name: str) -> TemplateInfo | None:
+        """The template with this name or alias, or None."""
+        ...
+
+    async def all(self) -> list[TemplateInfo]: ...
+
+    async def delete(self, name: str) -> None: ...
+
+
+# What the manager returns -------------------------------------------------------------------
+@dataclass(frozen=True)
+class LiveSandbox:
+    """A sandbox with its jail, for the gateway (adapted to its SandboxLookup by the CLI)."""
+
+    record: SandboxRecord
+    jail: Jail
+    template: TemplateInfo
+
+
+@dataclass(frozen=True)
+class CreateSpec:
+    template: str
+    timeout: int = DEFAULT_TIMEOUT_SECONDS
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    env_vars: Mapping[str, str] = field(default_factory=dict)
+    secure: bool = False
+    auto_pause: bool = False
+    allow_internet_access: bool | None = None
+
+
+@dataclass(frozen=True)
+class Metrics:
+    timestamp: float
+    cpu_count: int
+    cpu_used_pct: float
+    mem_used: int
+    mem_total: int
+    mem_cache: int
+    disk_used: int
+    disk_total: int
+
+
+@dataclass(frozen=True)
+class ConnectResult:
+    record: SandboxRecord
+    resumed: bool  # False: it was running and only its end time moved
+
+
+@dataclass(frozen=True)
+class _CpuSample:
+    wall: float
+    usage_usec: int
+
+
+Clock = Callable[[], float]
+
+
+class _Undo:
+    """Steps to take back, run in reverse when an operation fails half-way."""
+
+    def __init__(self) -> None:
+        self._steps: list[tuple[str, Callable[[], Awaitable[object]]]] = []
+
+    def push(self, what: str, step: Callable[[], Awaitable[object]]) -> None:
+        self._steps.append((what, step))
+
+    async def run(self) -> None:
+        for what, step in reversed(self._steps):
+            try:
+                await step()
+            except Exception:
+                log.exception("rollback step failed: %s", what)
+        self._steps.clear()
+
+
+class SandboxManager:
+    def __init__(
+        self,
+        registry: Registry,
+        storage: Storage,
+        runtime: Runtime,
+        templates: TemplateCatalog,
+        *,
+        limits: Limits | None = None,
+        disk_size_mb: int = 10 * 1024,
+        max_timeout: int = MAX_TIMEOUT_SECONDS,
+        clock: Clock = time.time,
+    ) -> None:
+        self.registry = registry
+        self.storage = storage
+        self.runtime = runtime
+        self.templates = templates
+        self.limits = limits or Limits()
+        self.disk_size_mb = disk_size_mb
+        self.max_timeout = max_timeout
+        self._clock = clock
+        self._live: dict[str, LiveSandbox] = {}  # every sandbox that has a jail (running or frozen)
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._cpu_samples: dict[str, _CpuSample] = {}
+        self._reaper: asyncio.Task[None] | None = None
+        self._wake_reaper = asyncio.Event()
+
+    # Lifecycle of the manager ----------------------------------------------------------------
+    async def start(self) -> list[str]:
+        """Reconcile the registry with the backends, then start the reaper.
+
+        Returns what reconciliation did, one line per fix, for the service log.
+        """
+        report = await self.reconcile()
+        if self._reaper is None:
+            self._reaper = asyncio.create_task(self._reap_forever(), name="sandbox-reaper")
+        return report
+
+    async def close(self) -> None:
+        """Stop the reaper. Sandboxes keep running: a restarted service finds them again."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None
+
+    def _lock(self, sandbox_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(sandbox_id, asyncio.Lock())
+
+    # Templates -------------------------------------------------------------------------------
+    async def _resolve_template(self, name: str) -> tuple[str, TemplateInfo]:
+        """(storage template name, template info) for a template name, alias or snapshot."""
+        snapshot = await self.registry.find_snapshot(name)
+        if snapshot is not None:
+            base = await self.templates.lookup(snapshot.source_template)
+            defaults = base or TemplateInfo(name=snapshot.source_template)
+            return snapshot.snapshot_id, replace(defaults, name=snapshot.snapshot_id, aliases=())
+        found = await self.templates.lookup(name)
+        if found is None:
+            names = [t.name for t in await self.templates.all()]
+            snapshots = await self.registry.list_snapshots(limit=100)
+            names += [s.snapshot_id for s in snapshots.items]
+            raise TemplateNotFound(name, sorted(names))
+        return found.name, found
+
+    async def list_templates(self) -> list[TemplateInfo]:
+        return await self.templates.all()
+
+    async def get_template(self, name: str) -> TemplateInfo:
+        _, info = await self._resolve_template(name)
+        return info
+
+    async def delete_template(self, name: str) -> None:
+        """Delete a snapshot (by id or name) or a built template, unless a sandbox uses it."""
+        snapshot = await self.registry.find_snapshot(name)
+        target = snapshot.snapshot_id if snapshot is not None else None
+        if target is None:
+            info = await self.templates.lookup(name)
+            if info is None:
+                raise NotFound(f"Template '{name}' not found")
+            target = info.name
+        users = await self.registry.count_using_template(target)
+        if users:
+            raise Conflict(f"Template '{name}' is used by {users} sandbox(es); kill them first")
+        try:
+            if snapshot is not None:
+                await self.storage.delete_template(snapshot.snapshot_id)
+                await self.registry.delete_snapshot(snapshot.snapshot_id)
+            else:
+                await self.templates.delete(target)
+        except Exception as e:
+            raise OperationFailed(f"Deleting template '{name}' failed: {e}") from e
+
+    # Create ----------------------------------------------------------------------------------
+    def _check_timeout(self, seconds: int) -> None:
+        if seconds <= 0:
+            raise InvalidArgument("Timeout must be greater than 0")
+        if seconds > self.max_timeout:
+            hours = self.max_timeout // 3600
+            raise InvalidArgument(f"Timeout cannot be greater than {hours} hours")
+
+    async def create(self, spec: CreateSpec) -> SandboxRecord:
+        self._check_timeout(spec.timeout)
+        storage_template, info = await self._resolve_template(spec.template)
+        alias = spec.template if spec.template != storage_template else None
+        return await self._create_from(storage_template, info, alias, spec)
+
+    def _sizes(self) -> tuple[int, int]:
+        cpus = (
+            math.ceil(self.limits.cpu_millicores / 1000)
+            if self.limits.cpu_millicores
+            else os.cpu_count() or 1
+        )
+        memory = self.limits.memory_bytes or os.sysconf("SC_PAGE_SIZE") * os.sysconf(
+            "SC_PHYS_PAGES"
+        )
+        return cpus, memory // MIB
+
+    async def _create_from(
+        self, storage_template: str, info: TemplateInfo, alias: str | None, spec: CreateSpec
+    ) -> SandboxRecord:
+        sandbox_id = new_id()
+        undo = _Undo()
+        try:
+            undo.push("destroy clone", lambda: self.storage.destroy(sandbox_id))
+            root = await self.storage.clone(storage_template, sandbox_id)
+            undo.push("remove jail leftovers", lambda: self.runtime.destroy_leftover(sandbox_id))
+            jail = await self.runtime.start(sandbox_id, root, self.limits)
+            undo.push("stop jail", jail.stop)
+            now = self._clock()
+            cpus, memory_mb = self._sizes()
+            record = SandboxRecord(
+                id=sandbox_id,
+                template=storage_template,
+                alias=alias,
+                storage_ref=str(root),
+                jail_handle=jail.handle,
+                state="running",
+                started_at=now,
+                end_at=now + spec.timeout,
+                metadata=dict(spec.metadata),
+                env_vars=dict(spec.env_vars),
+                access_token=secrets.token_hex(32) if spec.secure else None,
+                secure=spec.secure,
+                auto_pause=spec.auto_pause,
+                allow_internet_access=spec.allow_internet_access,
+                client_id=CLIENT_ID,
+                memory_bytes=self.limits.memory_bytes,
+                cpu_millicores=self.limits.cpu_millicores,
+                pids=self.limits.pids,
+                cpu_count=cpus,
+                memory_mb=memory_mb,
+                disk_size_mb=self.disk_size_mb,
+            )
+            await self.registry.insert_sandbox(record)
+        except BaseException as e:
+            await asyncio.shield(undo.run())
+            if isinstance(e, Exception) and not isinstance(e, SandboxError):
+                raise OperationFailed(f"Creating the sandbox failed: {e}") from e
+            raise
+        self._live[sandbox_id] = LiveSandbox(record, jail, info)
+        self._wake_reaper.set()
+        await self._event(sandbox_id, "info", "sandbox created", template=storage_template)
+        return record
+
+    # Reading ---------------------------------------------------------------------------------
+    async def get(self, sandbox_id: str) -> SandboxRecord:
+        record = await self.registry.get_sandbox(sandbox_id)
+        if record is None:
+            raise NotFound(f"Sandbox \"{sandbox_id}\" doesn't exist or you don't have access to it")
+        return record
+
+    async def list_sandboxes(self, query: SandboxQuery) -> Page:
+        return await self.registry.list_sandboxes(query)
+
+    def get_live(self, sandbox_id: str) -> LiveSandbox | None:
+        """The running sandbox with this id (no I/O: safe to call from request routing)."""
+        live = self._live.get(sandbox_id)
+        return live if live is not None and live.record.state == "running" else None
+
+    def most_recent_live(self) -> LiveSandbox | None:
+        running = [s for s in self._live.values() if s.record.state == "running"]
+        return max(running, key=lambda s: s.record.started_at, default=None)
+
+    async def _jail_of(self, record: SandboxRecord) -> Jail | None:
+        live = self._live.get(record.id)
+        if live is not None:
+            return live.jail
+        return await self.runtime.attach(record.id, Path(record.storage_ref), record.jail_handle)
+
+    # Kill and timeouts -----------------------------------------------------------------------
+    async def kill(self, sandbox_id: str) -> None:
+        async with self._lock(sandbox_id):
+            record = await self.get(sandbox_id)
+            try:
+                jail = await self._jail_of(record)
+                if jail is not None:
+                    await jail.stop()
+                else:
+                    await self.runtime.destroy_leftover(sandbox_id)
+                self._live.pop(sandbox_id, None)
+                await self.storage.destroy(sandbox_id)
+                await self.registry.delete_sandbox(sandbox_id)
+            except Exception as e:
+                raise OperationFailed(f"Killing sandbox {sandbox_id} failed: {e}") from e
+        self._locks.pop(sandbox_id, None)
+        self._cpu_samples.pop(sandbox_id, None)
+        await self._collect_fork_template(record.template)
+
+    async def _set_end(self, sandbox_id: str, end_at: float) -> SandboxRecord:
+        await self.registry.update_sandbox(sandbox_id, end_at=end_at)
+        record = await self.get(sandbox_id)
+        self._refresh_live(record)
+        self._wake_reaper.set()
+        return record
+
+    async def set_timeout(self, sandbox_id: str, seconds: int) -> SandboxRecord:
+        """The end time becomes now + seconds, shorter or longer than before."""
+        if seconds < 0:
+            raise InvalidArgument("timeout: must not be negative")
+        seconds = min(seconds, self.max_timeout)
+        async with self._lock(sandbox_id):
+            await self.get(sandbox_id)
+            return await self._set_end(sandbox_id, self._clock() + seconds)
+
+    async def refresh(self, sandbox_id: str, seconds: int) -> SandboxRecord:
+        """The end time becomes now + seconds, only if that is later."""
+        async with self._lock(sandbox_id):
+            record = await self.get(sandbox_id)
+            end = max(record.end_at, self._clock() + min(seconds, self.max_timeout))
+            return await self._set_end(sandbox_id, end)
+
+    def _refresh_live(self, record: SandboxRecord) -> None:
+        live = self._live.get(record.id)
+        if live is not None:
+            self._live[record.id] = replace(live, record=record)
+
+    # Pause and resume ------------------------------------------------------------------------
+    async def pause(self, sandbox_id: str) -> SandboxRecord:
+        async with self._lock(sandbox_id):
+            return await self._pause_locked(sandbox_id)
+
+    async def _pause_locked(self, sandbox_id: str) -> SandboxRecord:
+        record = await self.get(sandbox_id)
+        if record.state == "paused":
+            raise Conflict(f"Error pausing sandbox - sandbox '{sandbox_id}' is already paused")
+        jail = await self._jail_of(record)
+        try:
+            if jail is not None:
+                await jail.freeze()
+            await self.registry.update_sandbox(sandbox_id, state="paused")
+        except Exception as e:
+            if jail is not None:
+                with contextlib.suppress(Exception):
+                    await jail.thaw()
+            raise OperationFailed(f"Pausing sandbox {sandbox_id} failed: {e}") from e
+        record = replace(record, state="paused")
+        self._refresh_live(record)
+        await self._event(sandbox_id, "info", "sandbox paused")
+        return record
+
+    async def connect(self, sandbox_id: str, timeout_seconds: int) -> ConnectResult:
+        """Running: extend the end time to now + timeout if later. Paused: resume it."""
+        self._check_timeout(timeout_seconds)
+        async with self._lock(sandbox_id):
+            record = await self.get(sandbox_id)
+            if record.state == "running":
+                end = max(record.end_at, self._clock() + timeout_seconds)
+                return ConnectResult(await self._set_end(sandbox_id, end), resumed=False)
+            return ConnectResult(await self._resume_locked(record, timeout_seconds), resumed=True)
+
+    async def resume(self, sandbox_id: str, timeout_seconds: int) -> SandboxRecord:
+        self._check_timeout(timeout_seconds)
+        async with self._lock(sandbox_id):
+            record = await self.get(sandbox_id)
+            if record.state == "running":
+                raise Conflict(f"Sandbox {sandbox_id} is already running")
+            return await self._resume_locked(record, timeout_seconds)
+
+    async def _resume_locked(self, record: SandboxRecord, timeout_seconds: int) -> SandboxRecord:
+        """Thaw a paused sandbox, or start a new jail on its root if the old one is gone."""
+        jail = await self._jail_of(record)
+        started_new = jail is None
+        try:
+            if jail is None:
+                jail = await self.runtime.start(
+                    record.id, Path(record.storage_ref), self._limits(record)
+                )
+            else:
+                await jail.thaw()
+            end = self._clock() + timeout_seconds
+            await self.registry.update_sandbox(
+                record.id, state="running", end_at=end, jail_handle=jail.handle
+            )
+        except Exception as e:
+            if jail is not None and started_new:
+                with contextlib.suppress(Exception):
+                    await jail.stop()
+            raise OperationFailed(f"Resuming sandbox {record.id} failed: {e}") from e
+        record = replace(record, state="running", end_at=end, jail_handle=jail.handle)
+        info = await self._template_of(record)
+        self._live[record.id] = LiveSandbox(record, jail, info)
+        self._wake_reaper.set()
+        await self._event(record.id, "info", "sandbox resumed")
+        return record
+
+    @staticmethod
+    def _limits(record: SandboxRecord) -> Limits:
+        return Limits(
+            memory_bytes=record.memory_bytes,
+            cpu_millicores=record.cpu_millicores,
+            pids=record.pids,
+        )
+
+    async def _template_of(self, record: SandboxRecord) -> TemplateInfo:
+        with contextlib.suppress(TemplateNotFound):
+            return (await self._resolve_template(record.template))[1]
+        return TemplateInfo(name=record.template)
+
+    # Snapshots and forks ---------------------------------------------------------------------
+    async def _snapshot_storage(self, record: SandboxRecord, template: str) -> None:
+        """Copy the sandbox's files into a new template, frozen meanwhile for consistency."""
+        jail = await self._jail_of(record) if record.state == "running" else None
+        if jail is not None:
+            await jail.freeze()
+        try:
+            await self.storage.snapshot(record.id, template)
+        finally:
+            if jail is not None:
+                await jail.thaw()
+
+    async def snapshot(self, sandbox_id: str, name: str | None = None) -> SnapshotRecord:
+        if name is not None:
+            if not SNAPSHOT_NAME.fullmatch(name):
+                raise InvalidArgument(
+                    "name: use 1-128 of [A-Za-z0-9._:/-], starting with a letter or digit"
+                )
+            if await self.registry.find_snapshot(name) or await self.templates.lookup(name):
+                raise Conflict(f"A template or snapshot named '{name}' already exists")
+        async with self._lock(sandbox_id):
+            record = await self.get(sandbox_id)
+            snapshot = SnapshotRecord(
+                snapshot_id=new_id(SNAPSHOT_PREFIX),
+                names=(name,) if name else (),
+                source_sandbox=sandbox_id,
+                source_template=await self._base_template(record),
+                created_at=self._clock(),
+            )
+            await self._make_snapshot(record, snapshot)
+        await self._event(sandbox_id, "info", "snapshot created", snapshot=snapshot.snapshot_id)
+        return snapshot
+
+    async def _base_template(self, record: SandboxRecord) -> str:
+        """The built template a sandbox ultimately derives from (for its process defaults)."""
+        snapshot = await self.registry.find_snapshot(record.template)
+        return snapshot.source_template if snapshot is not None else record.template
+
+    async def _make_snapshot(self, record: SandboxRecord, snapshot: SnapshotRecord) -> None:
+        undo = _Undo()
+        try:
+            undo.push("delete template", lambda: self.storage.delete_template(snapshot.snapshot_id))
+            await self._snapshot_storage(record, snapshot.snapshot_id)
+            await self.registry.insert_snapshot(snapshot)
+        except BaseException as e:
+            await asyncio.shield(undo.run())
+            if isinstance(e, Exception) and not isinstance(e, SandboxError):
+                raise OperationFailed(f"Snapshot of sandbox {record.id} failed: {e}") from e
+            raise
+
+    async def list_snapshots(
+        self,
+        *,
+        sandbox_id: str | None = None,
+        name: str | None = None,
+        limit: int = 100,
+        next_token: str | None = None,
+    ) -> SnapshotPage:
+        page = await self.registry.list_snapshots(
+            source_sandbox=sandbox_id, name=name, limit=limit, next_token=next_token
+        )
+        # Fork templates are internal: they live only as long as their forks.
+        visible = [s for s in page.items if not s.snapshot_id.startswith(FORK_PREFIX)]
+        return SnapshotPage(visible, page.next_token)
+
+    async def fork(
+        self, sandbox_id: str, count: int, timeout_seconds: int
+    ) -> list[SandboxRecord | SandboxError]:
+        """`count` new sandboxes with the parent's files; each succeeds or fails on its own."""
+        if not 1 <= count <= 100:
+            raise InvalidArgument("count: must be between 1 and 100")
+        self._check_timeout(timeout_seconds)
+        async with self._lock(sandbox_id):
+            parent = await self.get(sandbox_id)
+            template = SnapshotRecord(
+                snapshot_id=new_id(FORK_PREFIX),
+                names=(),
+                source_sandbox=sandbox_id,
+                source_template=await self._base_template(parent),
+                created_at=self._clock(),
+            )
+            await self._make_snapshot(parent, template)
+        info = await self._template_of(replace(parent, template=template.snapshot_id))
+        spec = CreateSpec(
+            template=template.snapshot_id,
+            timeout=timeout_seconds,
+            metadata=parent.metadata,
+            env_vars=parent.env_vars,
+            secure=parent.secure,
+            auto_pause=parent.auto_pause,
+            allow_internet_access=parent.allow_internet_access,
+        )
+        alias = parent.alias or parent.template
+        results: list[SandboxRecord | SandboxError] = []
+        for _ in range(count):
+            try:
+                results.append(await self._create_from(template.snapshot_id, info, alias, spec))
+            except SandboxError as e:
+                results.append(e)
+        await self._event(sandbox_id, "info", "sandbox forked", count=str(count))
+        await self._collect_fork_template(template.snapshot_id)
+        return results
+
+    async def _collect_fork_template(self, template: str) -> None:
+        """Delete a fork's internal template once no sandbox uses it."""
+        if not template.startswith(FORK_PREFIX):
+            return
+        if await self.registry.count_using_template(template):
+            return
+        try:
+            await self.storage.delete_template(template)
+            await self.registry.delete_snapshot(template)
+        except Exception:
+            log.exception("could not delete unused fork template %s", template)
+
+    # Metrics and logs ------------------------------------------------------------------------
+    async def metrics(self, sandbox_id: str) -> Metrics | None:
+        """Current usage; None when the sandbox has no running jail (paused)."""
+        record = await self.get(sandbox_id)
+        live = self.get_live(sandbox_id)
+        if live is None:
+            return None
+        stats = await live.jail.stats()
+        now = self._clock()
+        previous = self._cpu_samples.get(sandbox_id) or _CpuSample(record.started_at, 0)
+        self._cpu_samples[sandbox_id] = _CpuSample(now, stats.cpu_usage_usec)
+        wall_usec = max((now - previous.wall) * 1e6, 1.0)
+        used = max(stats.cpu_usage_usec - previous.usage_usec, 0)
+        pct = min(100.0, 100.0 * used / (wall_usec * record.cpu_count))
+        return Metrics(
+            timestamp=now,
+            cpu_count=record.cpu_count,
+            cpu_used_pct=round(pct, 2),
+            mem_used=stats.memory_bytes,
+            mem_total=stats.memory_limit_bytes or record.memory_mb * MIB,
+            mem_cache=0,
+            disk_used=0,
+            disk_total=record.disk_size_mb * MIB,
+        )
+
+    async def logs(
+        self,
+        sandbox_id: str,
+        *,
+        since: float | None = None,
+        limit: int = 1000,
+        newest_first: bool = False,
+    ) -> list[EventRecord]:
+        await self.get(sandbox_id)
+        return await self.registry.events(
+            sandbox_id, since=since, limit=limit, newest_first=newest_first
+        )
+
+    async def _event(self, sandbox_id: str, level: LogLevel, message: str, **fields: str) -> None:
+        try:
+            await self.registry.append_event(sandbox_id, level, message, fields)
+        except Exception:
+            log.exception("could not log event %r of sandbox %s", message, sandbox_id)
+
+    # Reaper ----------------------------------------------------------------------------------
+    async def reap_due(self) -> list[str]:
+        """End every running sandbox whose end time has passed (kill, or pause if autoPause)."""
+        ended: list[str] = []
+        for record in await self.registry.due_sandboxes(self._clock()):
+            try:
+                if record.auto_pause:
+                    async with self._lock(record.id):
+                        current = await self.registry.get_sandbox(record.id)
+                        if current is None or current.end_at > self._clock():
+                            continue
+                        if current.state == "running":
+                            await self._pause_locked(record.id)
+                else:
+                    current = await self.registry.get_sandbox(record.id)
+                    if current is None or current.end_at > self._clock():
+                        continue
+                    await self.kill(record.id)
+                ended.append(record.id)
+            except NotFound:
+                continue  # killed meanwhile
+            except Exception:
+                log.exception("reaper could not end sandbox %s", record.id)
+        return ended
+
+    async def _reap_forever(self) -> None:
+        while True:
+            try:
+                await self.reap_due()
+                next_end = await self.registry.next_end()
+            except Exception:
+                log.exception("reaper pass failed")
+                next_end = None
+            # Wake at the next end time, when told an end time changed, or at least every second
+            # (another process may have changed the registry).
+            delay = 1.0 if next_end is None else min(max(next_end - self._clock(), 0.0), 1.0)
+            self._wake_reaper.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wake_reaper.wait()
+
+    # Reconciliation --------------------------------------------------------------------------
+    async def reconcile(self) -> list[str]:
+        """Make the registry and the backends agree after a (re)start; returns what was fixed.
+
+        Running records whose jail died get a new jail on their existing root (or, if that
+        fails, are kept as paused, filesystem only). Clones and jails that no record owns are
+        destroyed. No record is dropped.
+        """
+        report: list[str] = []
+        records = await self.registry.all_sandboxes()
+        known = {r.id for r in records}
+        for record in records:
+            report.extend(await self._reattach(record))
+        for orphan in sorted(set(await self.runtime.list_jails()) - known):
+            try:
+                await self.runtime.destroy_leftover(orphan)
+                report.append(f"destroyed jail {orphan} (no record)")
+            except Exception as e:
+                report.append(f"could not destroy orphan jail {orphan}: {e}")
+        for orphan in sorted(set(await self.storage.list_sandboxes()) - known):
+            try:
+                await self.storage.destroy(orphan)
+                report.append(f"destroyed storage of {orphan} (no record)")
+            except Exception as e:
+                report.append(f"could not destroy orphan storage {orphan}: {e}")
+        for template in await self.storage.list_templates():
+            if template.startswith(FORK_PREFIX):
+                await self._collect_fork_template(template)
+        return report
+
+    async def _reattach(self, record: SandboxRecord) -> list[str]:
+        root = Path(record.storage_ref)
+        jail = await self.runtime.attach(record.id, root, record.jail_handle)
+        info = await self._template_of(record)
+        if jail is not None:
+            self._live[record.id] = LiveSandbox(record, jail, info)
+            return []
+        if record.state == "paused":
+            return []  # paused sandboxes survive a restart as their filesystem; resume restarts
+        try:
+            await self.runtime.destroy_leftover(record.id)
+            jail = await self.runtime.start(record.id, root, self._limits(record))
+        except Exception as e:
+            await self.registry.update_sandbox(record.id, state="paused")
+            message = f"jail of sandbox {record.id} was dead and could not be restarted: {e}"
+            await self._event(record.id, "error", message)
+            return [message + "; kept as paused"]
+        await self.registry.update_sandbox(record.id, jail_handle=jail.handle)
+        self._live[record.id] = LiveSandbox(replace(record, jail_handle=jail.handle), jail, info)
+        await self._event(record.id, "warn", "jail was dead after a restart; started a new one")
+        return [f"restarted the dead jail of sandbox {record.id}"]

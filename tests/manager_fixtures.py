@@ -1,0 +1,194 @@
+"""In-memory fakes of Storage, Runtime and the template catalog, to test the manager and the REST
+app without real jails. Each fake can be told to fail at one step, leaving a half-made leftover
+behind the way a real backend would, so rollback can be checked."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from coppice_api.jails.manager import SandboxManager, TemplateInfo
+from coppice_api.jails.registry import Registry
+from coppice_api.jails.runtime.base import ExecSpec, Jail, JailProcess, JailStats, Limits, Runtime
+from coppice_api.jails.storage.base import Storage, StorageError
+
+
+class BackendFailure(Exception):
+    pass
+
+
+class FakeStorage(Storage):
+    name = "fake"
+
+    def __init__(self, base: Path, templates: list[str]) -> None:
+        self.base = base
+        self.templates: set[str] = set(templates)
+        self.sandboxes: dict[str, str] = {}  # sandbox id -> template it was cloned from
+        self.fail_clone = False
+        self.fail_snapshot = False
+
+    async def template_root(self, template: str) -> Path:
+        return self.base / "templates" / template
+
+    async def add_template(self, template: str, source: Path) -> None:
+        self.templates.add(template)
+
+    async def has_template(self, template: str) -> bool:
+        return template in self.templates
+
+    async def list_templates(self) -> list[str]:
+        return sorted(self.templates)
+
+    async def template_size(self, template: str) -> int:
+        return 1024
+
+    async def delete_template(self, template: str) -> None:
+        if template in self.sandboxes.values():
+            raise StorageError(f"template {template} has clones")
+        self.templates.discard(template)
+
+    async def clone(self, template: str, sandbox_id: str) -> Path:
+        if template not in self.templates:
+            raise StorageError(f"no template {template}")
+        self.sandboxes[sandbox_id] = template  # half-made before the failure, like a real one
+        if self.fail_clone:
+            raise BackendFailure("clone failed")
+        return self.base / "sandboxes" / sandbox_id
+
+    async def snapshot(self, sandbox_id: str, template: str) -> None:
+        if sandbox_id not in self.sandboxes:
+            raise StorageError(f"no sandbox {sandbox_id}")
+        self.templates.add(template)
+        if self.fail_snapshot:
+            raise BackendFailure("snapshot failed")
+
+    async def destroy(self, sandbox_id: str) -> None:
+        self.sandboxes.pop(sandbox_id, None)
+
+    async def list_sandboxes(self) -> list[str]:
+        return sorted(self.sandboxes)
+
+
+class FakeJail(Jail):
+    def __init__(self, runtime: FakeRuntime, sandbox_id: str, root: Path, generation: int) -> None:
+        self.runtime = runtime
+        self.sandbox_id = sandbox_id
+        self.root = root
+        self.handle = f"fake:{sandbox_id}:{generation}"
+        self.alive = True
+        self.frozen = False
+        self.cpu_usage_usec = 0
+
+    async def exec(self, spec: ExecSpec) -> JailProcess:
+        raise NotImplementedError
+
+    async def signal(self, pid: int, signum: int) -> None:
+        raise NotImplementedError
+
+    async def freeze(self) -> None:
+        self.frozen = True
+
+    async def thaw(self) -> None:
+        self.frozen = False
+
+    async def stats(self) -> JailStats:
+        return JailStats(
+            cpu_usage_usec=self.cpu_usage_usec,
+            memory_bytes=10 * 1024 * 1024,
+            memory_limit_bytes=512 * 1024 * 1024,
+            pids=3,
+        )
+
+    def is_alive(self) -> bool:
+        return self.alive
+
+    async def stop(self) -> None:
+        self.alive = False
+        self.runtime.jails.pop(self.sandbox_id, None)
+
+
+class FakeRuntime(Runtime):
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.jails: dict[str, FakeJail] = {}
+        self.leftovers: set[str] = set()  # e.g. cgroups of a jail that failed to start
+        self.fail_start = False
+        self.started = 0
+
+    async def start(self, sandbox_id: str, root: Path, limits: Limits) -> Jail:
+        if self.fail_start:
+            self.leftovers.add(sandbox_id)
+            raise BackendFailure("jail start failed")
+        self.started += 1
+        jail = FakeJail(self, sandbox_id, root, self.started)
+        self.jails[sandbox_id] = jail
+        return jail
+
+    async def attach(self, sandbox_id: str, root: Path, handle: str) -> Jail | None:
+        jail = self.jails.get(sandbox_id)
+        return jail if jail is not None and jail.alive and jail.handle == handle else None
+
+    async def list_jails(self) -> list[str]:
+        return sorted(set(self.jails) | self.leftovers)
+
+    async def destroy_leftover(self, sandbox_id: str) -> None:
+        jail = self.jails.pop(sandbox_id, None)
+        if jail is not None:
+            jail.alive = False
+        self.leftovers.discard(sandbox_id)
+
+    def kill_all(self) -> None:
+        """Every jail dies, as after a host reboot."""
+        for jail in self.jails.values():
+            jail.alive = False
+        self.jails.clear()
+
+
+class FakeTemplates:
+    def __init__(self, storage: FakeStorage) -> None:
+        self.storage = storage
+        self.infos = {
+            "base": TemplateInfo(name="base", aliases=("default",), env={"LANG": "C.UTF-8"}),
+            "code-interpreter-v1": TemplateInfo(name="code-interpreter-v1"),
+        }
+
+    async def lookup(self, name: str) -> TemplateInfo | None:
+        for info in self.infos.values():
+            if name == info.name or name in info.aliases:
+                return info
+        return None
+
+    async def all(self) -> list[TemplateInfo]:
+        return sorted(self.infos.values(), key=lambda t: t.name)
+
+    async def delete(self, name: str) -> None:
+        await self.storage.delete_template(name)
+        del self.infos[name]
+
+
+class Backends:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.storage = FakeStorage(base, ["base", "code-interpreter-v1"])
+        self.runtime = FakeRuntime()
+        self.templates = FakeTemplates(self.storage)
+
+    @asynccontextmanager
+    async def manager(self, **options: object) -> AsyncIterator[SandboxManager]:
+        """A started manager on a registry in `base`, closed (sandboxes left alive) after."""
+        registry = await Registry.open(self.base / "data")
+        manager = SandboxManager(
+            registry,
+            self.storage,
+            self.runtime,
+            self.templates,
+            **options,  # type: ignore[arg-type]
+        )
+        await manager.start()
+        try:
+            yield manager
+        finally:
+            await manager.close()
+            await registry.close()
