@@ -371,3 +371,12 @@ async def test_built_code_interpreter_imports_its_packages(
     out, _ = await proc.communicate()
     assert proc.returncode == 0
     assert out.decode().strip() == "ok"
+
+
+async def test_metadata_without_files_on_this_backend(store: TemplateStore, tmp_path: Path) -> None:
+    """Same data dir, another storage (e.g. switched from overlay to zfs): not usable."""
+    await store.import_tar("mine", make_rootfs_tar(tmp_path / "m.tar"))
+    other = TemplateStore(store.data_dir, OverlayStorage(tmp_path / "other-overlay"))
+    assert await other.list() == []
+    with pytest.raises(TemplateError, match="no files in overlay storage"):
+        await other.ensure("mine")

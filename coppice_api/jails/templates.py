@@ -197,7 +197,14 @@ class TemplateStore:
         """The template, built first if it is a known recipe that has not been built yet."""
         resolved = self.resolve(name)
         with contextlib.suppress(UnknownTemplate):
-            return await self.get(resolved)
+            info = await self.get(resolved)
+            if await self.storage.has_template(info.name):
+                return info
+            if resolved not in RECIPES:
+                raise TemplateError(
+                    f"template {name!r} has no files in {self.storage.name} storage "
+                    f"(made with {info.backend}?); import it again"
+                )
         if resolved not in RECIPES:
             await self._raise_unknown(name)
         return await self._build(resolved, progress or _quiet, exist_ok=True)
@@ -270,8 +277,11 @@ class TemplateStore:
         started = time.monotonic()
         async with self._creating(name, exist_ok=exist_ok) as work:
             existing = await asyncio.to_thread(self._read_metadata, name)
-            if existing is not None:  # built by someone else while we waited for the lock
-                return existing
+            if existing is not None:
+                if await self.storage.has_template(name):
+                    return existing  # built by someone else while we waited for the lock
+                # Metadata without files: made on another storage backend; build for this one.
+                await asyncio.to_thread(self._metadata_path(name).unlink)
             rootfs = work / "rootfs"
             if parent is None:
                 await self._debootstrap(recipe, rootfs, say)
