@@ -92,21 +92,27 @@ async def jail(runtime: LinuxRuntime, make_root: MakeRoot) -> LinuxJail:
 
 
 # -- Helpers --------------------------------------------------------------------------------------
-def _read_all(fd: int) -> bytes:
+async def pipe_reader(fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
+    """A reader on the event loop for a pipe or PTY master; closing the transport closes fd."""
+    reader = asyncio.StreamReader()
+    transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
+    )
+    return reader, transport
+
+
+async def read_all(fd: int) -> bytes:
+    """Everything read from a pipe or PTY master until EOF; closes the fd."""
+    reader, transport = await pipe_reader(fd)
     chunks = []
     try:
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError as e:  # a PTY master reads EIO once the terminal is gone
-                if e.errno != errno.EIO:
-                    raise
-                break
-            if not chunk:
-                break
+        while chunk := await reader.read(65536):
             chunks.append(chunk)
+    except OSError as e:  # a PTY master reads EIO once the terminal is gone
+        if e.errno != errno.EIO:
+            raise
     finally:
-        os.close(fd)
+        transport.close()
     return b"".join(chunks)
 
 
@@ -122,21 +128,10 @@ async def run(
     assert process.stdin_fd is not None
     assert process.stdout_fd is not None
     assert process.stderr_fd is not None
-    stdin_fd = process.stdin_fd
-
-    def feed() -> None:
-        try:
-            os.write(stdin_fd, stdin)
-        finally:
-            os.close(stdin_fd)
-
-    out, err, _, status = await asyncio.wait_for(
-        asyncio.gather(
-            asyncio.to_thread(_read_all, process.stdout_fd),
-            asyncio.to_thread(_read_all, process.stderr_fd),
-            asyncio.to_thread(feed),
-            process.wait(),
-        ),
+    os.write(process.stdin_fd, stdin)  # small: fits the pipe buffer
+    os.close(process.stdin_fd)
+    out, err, status = await asyncio.wait_for(
+        asyncio.gather(read_all(process.stdout_fd), read_all(process.stderr_fd), process.wait()),
         HANG,
     )
     return status, out.decode(), err.decode()
@@ -259,7 +254,7 @@ async def test_pty_process_sees_a_terminal(jail: LinuxJail) -> None:
     assert process.pty_fd is not None
     assert (process.stdin_fd, process.stdout_fd, process.stderr_fd) == (None, None, None)
     out, status = await asyncio.wait_for(
-        asyncio.gather(asyncio.to_thread(_read_all, process.pty_fd), process.wait()), HANG
+        asyncio.gather(read_all(process.pty_fd), process.wait()), HANG
     )
     assert status == ExitStatus(0)
     assert out.decode().split() == ["/dev/pts/0", "33", "111"]
@@ -351,8 +346,9 @@ async def test_fork_bomb_hits_pids_limit_while_another_sandbox_works(
     os.close(stdin_fd)
     os.close(stderr_fd)
     # The forked sleepers keep stdout open: read the one line, not until EOF.
-    line = await asyncio.wait_for(asyncio.to_thread(os.read, process.stdout_fd, 100), HANG)
-    os.close(process.stdout_fd)
+    reader, transport = await pipe_reader(process.stdout_fd)
+    line = await asyncio.wait_for(reader.readline(), HANG)
+    transport.close()
     forked, err = (int(x) for x in line.split())
     assert err == errno.EAGAIN
     assert forked < 32
@@ -538,10 +534,39 @@ async def test_kill_9_during_start_leaves_nothing_after_cleanup(
     assert not (data_dir / "run" / f"{sandbox_id}.sock").exists()
 
 
+async def test_jails_of_another_data_dir_are_not_ours(
+    runtime: LinuxRuntime, make_root: MakeRoot, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    theirs = LinuxRuntime(tmp_path_factory.mktemp("other"))
+    sandbox_id = new_id()
+    other = await theirs.start(sandbox_id, make_root(), Limits())
+    try:
+        assert sandbox_id not in await runtime.list_jails()
+        with pytest.raises(Exception, match="cgroups of another jail"):
+            await runtime.start(sandbox_id, make_root(), Limits())
+        assert other.is_alive()
+        assert (await sh(other, "hostname")).strip() == sandbox_id
+    finally:
+        await other.stop()
+
+
+async def test_same_id_twice_is_refused(runtime: LinuxRuntime, make_root: MakeRoot) -> None:
+    first = await runtime.start(new_id(), make_root(), Limits())
+    with pytest.raises(Exception, match="exists already"):
+        await runtime.start(first.sandbox_id, make_root(), Limits())
+    assert await sh(first, "echo fine") == "fine\n"
+
+
 async def test_bad_sandbox_ids_are_refused(runtime: LinuxRuntime, make_root: MakeRoot) -> None:
     for bad in ("../x", "a/b", "", "UPPER", "a" * 64):
         with pytest.raises(Exception, match="invalid sandbox id"):
             await runtime.start(bad, make_root(), Limits())
+
+
+async def test_too_long_socket_path_is_a_clear_error(make_root: MakeRoot, tmp_path: Path) -> None:
+    deep = LinuxRuntime(tmp_path / ("d" * 100))
+    with pytest.raises(Exception, match="socket path too long"):
+        await deep.start(new_id(), make_root(), Limits())
 
 
 async def test_start_failure_rolls_back(runtime: LinuxRuntime, tmp_path: Path) -> None:

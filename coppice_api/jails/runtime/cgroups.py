@@ -62,13 +62,6 @@ class CgroupLayout:
         dirs = [p / PARENT for p in mounts.values()]
         return dirs + ([self.unified / PARENT] if self.unified is not None else [])
 
-    def sandbox_ids(self) -> set[str]:
-        ids: set[str] = set()
-        for parent in self.parents():
-            if parent.is_dir():
-                ids.update(entry.name for entry in parent.iterdir() if entry.is_dir())
-        return ids
-
     def sandbox(self, sandbox_id: str) -> SandboxCgroups:
         return SandboxCgroups(self, sandbox_id)
 

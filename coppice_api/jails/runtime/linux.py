@@ -5,7 +5,8 @@ Each jail's PID 1 is `coppice-init` (coppice_init.c, compiled on first use into
 /proc, /dev, /dev/pts and /tmp, reaps every process and starts processes on request over a unix
 socket `<data_dir>/run/<sandbox id>.sock` (the protocol is described at the top of the C file).
 Jails do not depend on the service process: after a restart `attach()` finds them again by the
-handle "<host pid of init>:<its start time>", which a reused pid can never match.
+handle "<host pid of init>:<its start time>", which a reused pid can never match. A jail belongs
+to the runtime whose run directory holds its socket path (see `_prepare`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ INIT_SOURCE = Path(__file__).with_name("coppice_init.c")
 START_TIMEOUT_SECONDS = 30.0
 # Well below the smallest default unix socket send buffer, so one packet always fits.
 MAX_REQUEST_BYTES = 128 * 1024
+_SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path), including the NUL
 _SANDBOX_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
 # Wire format shared with coppice_init.c (native byte order: both ends are on this host).
@@ -76,7 +78,7 @@ class LinuxRuntime(Runtime):
         cgroups = (await self._cgroup_layout()).sandbox(sandbox_id)
         socket_path = self._socket_path(sandbox_id)
         root = await asyncio.to_thread(root.resolve)
-        await asyncio.to_thread(self._prepare, cgroups, limits)
+        await asyncio.to_thread(self._prepare, cgroups, socket_path, limits)
         process: asyncio.subprocess.Process | None = None
         try:
             process = await asyncio.create_subprocess_exec(
@@ -112,14 +114,26 @@ class LinuxRuntime(Runtime):
             await process.wait()
         await asyncio.to_thread(_teardown, None, cgroups, socket_path)
 
-    def _prepare(self, cgroups: SandboxCgroups, limits: Limits) -> None:
+    def _prepare(self, cgroups: SandboxCgroups, socket_path: Path, limits: Limits) -> None:
+        # The socket path is claimed first (init replaces the placeholder with the socket) and
+        # released last: it marks the jail as this runtime's from before its first cgroup until
+        # after its last, so a crash at any point leaves something that list_jails() finds, and
+        # jails of another Coppice (another data dir) are never listed or destroyed by this one.
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if cgroups.exists():
-            raise JailError(f"a jail {cgroups.sandbox_id} exists already")
         try:
-            cgroups.create(limits)
+            os.close(os.open(socket_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            raise JailError(f"a jail {cgroups.sandbox_id} exists already") from None
+        try:
+            if cgroups.exists():
+                raise JailError(f"cgroups of another jail {cgroups.sandbox_id} exist")
+            try:
+                cgroups.create(limits)
+            except BaseException:
+                cgroups.remove()
+                raise
         except BaseException:
-            cgroups.remove()
+            socket_path.unlink()
             raise
 
     async def attach(self, sandbox_id: str, root: Path, handle: str) -> LinuxJail | None:
@@ -134,19 +148,16 @@ class LinuxRuntime(Runtime):
         def find() -> _InitProcess | None:
             init = _InitProcess.of_pid(pid)
             alive = init is not None and init.start_time == start_time
-            return init if alive and socket_path.exists() and cgroups.exists() else None
+            return init if alive and socket_path.is_socket() and cgroups.exists() else None
 
         init = await asyncio.to_thread(find)
         return None if init is None else LinuxJail(sandbox_id, root, init, cgroups, socket_path)
 
     async def list_jails(self) -> list[str]:
-        layout = await self._cgroup_layout()
-
         def scan() -> list[str]:
-            ids = layout.sandbox_ids()
-            if self.run_dir.is_dir():
-                ids.update(p.stem for p in self.run_dir.glob("*.sock"))
-            return sorted(ids)
+            if not self.run_dir.is_dir():
+                return []
+            return sorted(p.stem for p in self.run_dir.glob("*.sock"))
 
         return await asyncio.to_thread(scan)
 
@@ -156,7 +167,10 @@ class LinuxRuntime(Runtime):
         await asyncio.to_thread(_teardown, None, cgroups, self._socket_path(sandbox_id))
 
     def _socket_path(self, sandbox_id: str) -> Path:
-        return self.run_dir / f"{sandbox_id}.sock"
+        path = self.run_dir / f"{sandbox_id}.sock"
+        if len(os.fsencode(path)) >= _SUN_PATH_MAX:
+            raise JailError(f"unix socket path too long, use a shorter data dir: {path}")
+        return path
 
     async def _cgroup_layout(self) -> CgroupLayout:
         if self._layout is None:
