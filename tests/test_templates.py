@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import secrets
 import stat
+import subprocess
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,9 +18,11 @@ from template_fixtures import (  # noqa: F401
     base_template_root,
     code_interpreter_template_root,
 )
+from zfs_fixtures import zfs_dataset  # noqa: F401
 
 from coppice_api.jails import templates
 from coppice_api.jails.storage.overlay import OverlayStorage
+from coppice_api.jails.storage.zfs import ZfsStorage
 from coppice_api.jails.templates import (
     RECIPES,
     TemplateError,
@@ -77,6 +81,16 @@ def store(tmp_path: Path) -> TemplateStore:
     return TemplateStore(data, OverlayStorage(data / "overlay"))
 
 
+@pytest.fixture(params=["overlay", "zfs"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> TemplateStore:
+    """A store on either real backend (sync: making the zfs pool blocks)."""
+    if request.param == "overlay":
+        return TemplateStore(tmp_path / "data", OverlayStorage(tmp_path / "data" / "overlay"))
+    dataset = f"{request.getfixturevalue('zfs_dataset')}/{secrets.token_hex(4)}"
+    subprocess.run(["zfs", "create", dataset], check=True)
+    return TemplateStore(tmp_path / "data", ZfsStorage(dataset))
+
+
 async def leftovers(store: TemplateStore) -> list[str]:
     """Everything a failed attempt could have left: work dirs, metadata, storage templates."""
 
@@ -96,7 +110,8 @@ async def leftovers(store: TemplateStore) -> list[str]:
     return await asyncio.to_thread(scan) + await store.storage.list_templates()
 
 
-async def test_import_tar_keeps_owners_and_modes(store: TemplateStore, tmp_path: Path) -> None:
+async def test_import_tar_keeps_owners_and_modes(any_store: TemplateStore, tmp_path: Path) -> None:
+    store = any_store
     for compressed in (False, True):
         name = "imported-gz" if compressed else "imported"
         tar = make_rootfs_tar(tmp_path / f"{name}.tar{'.gz' if compressed else ''}")
@@ -104,7 +119,7 @@ async def test_import_tar_keeps_owners_and_modes(store: TemplateStore, tmp_path:
         info = await store.import_tar(name, tar, lines.append)
         assert lines, "import reports progress"
         assert (info.name, info.user, info.workdir, info.backend) == (
-            name, "user", "/home/user", "overlay",
+            name, "user", "/home/user", store.storage.name,
         )  # fmt: skip
         assert info.origin == "import"
         assert info.env["PATH"].startswith("/usr/local/sbin")
@@ -151,7 +166,10 @@ async def test_not_a_tarball_is_rejected(store: TemplateStore, tmp_path: Path) -
     assert await leftovers(store) == []
 
 
-async def test_list_shows_name_size_created_backend(store: TemplateStore, tmp_path: Path) -> None:
+async def test_list_shows_name_size_created_backend(
+    any_store: TemplateStore, tmp_path: Path
+) -> None:
+    store = any_store
     await store.import_tar("one", make_rootfs_tar(tmp_path / "1.tar"))
     await store.import_tar("two", make_rootfs_tar(tmp_path / "2.tar"))
     infos = await store.list()
@@ -159,7 +177,7 @@ async def test_list_shows_name_size_created_backend(store: TemplateStore, tmp_pa
     for info in infos:
         assert info.size_bytes > 0
         assert info.created.endswith("+00:00")
-        assert info.backend == "overlay"
+        assert info.backend == store.storage.name
     table = format_template_table(infos)
     assert table.splitlines()[0].split() == ["NAME", "SIZE", "CREATED", "BACKEND", "ALIASES"]
     assert table.splitlines()[1].startswith("one ")
@@ -206,7 +224,8 @@ async def test_bad_and_duplicate_names(store: TemplateStore, tmp_path: Path) -> 
     assert [i.name for i in await store.list()] == ["dup"]
 
 
-async def test_delete_refuses_while_in_use(store: TemplateStore, tmp_path: Path) -> None:
+async def test_delete_refuses_while_in_use(any_store: TemplateStore, tmp_path: Path) -> None:
+    store = any_store
     await store.import_tar("used", make_rootfs_tar(tmp_path / "u.tar"))
     await store.storage.clone("used", "sandboxa")
     with pytest.raises(Exception, match="in use"):
@@ -219,8 +238,9 @@ async def test_delete_refuses_while_in_use(store: TemplateStore, tmp_path: Path)
 
 
 async def test_snapshot_of_a_sandbox_inherits_defaults(
-    store: TemplateStore, tmp_path: Path
+    any_store: TemplateStore, tmp_path: Path
 ) -> None:
+    store = any_store
     await store.import_tar("parent", make_rootfs_tar(tmp_path / "p.tar"))
     root = await store.storage.clone("parent", "sandboxa")
     await asyncio.to_thread((root / "home" / "user" / "state").write_text, "kept\n")
