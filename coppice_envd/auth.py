@@ -16,8 +16,7 @@ import time
 
 from coppice_api.jails.confined import ConfinedRoot
 from coppice_api.jails.runtime.base import User
-from coppice_api.jails.users import UnknownUser as NoSuchUser
-from coppice_api.jails.users import lookup_user as find_user
+from coppice_envd.accounts import Accounts
 
 UNAUTHORIZED_MESSAGE = (
     "unauthorized access, please provide a valid access token or method signing if supported"
@@ -99,16 +98,15 @@ class UnknownUser(LookupError):
 
 def lookup_user(root: ConfinedRoot, name: str) -> User | None:
     """The sandbox's user `name` (blocking: reads its /etc/passwd)."""
-    try:
-        return find_user(root, name)
-    except NoSuchUser:
-        return None
+    return Accounts.read(root).user(root, name)
 
 
-def effective_user(root: ConfinedRoot, basic_user: str | None, default_user: str) -> User:
+def effective_user(
+    accounts: Accounts, root: ConfinedRoot, basic_user: str | None, default_user: str
+) -> User:
     """The user a request acts as (§1.2); raises UnknownUser with envd's message."""
     name = basic_user if basic_user is not None else default_user
-    user = lookup_user(root, name)
+    user = accounts.user(root, name)
     if user is None:
         kind = "username" if basic_user is not None else "default user"
         raise UnknownUser(f"invalid {kind}: '{name}'")

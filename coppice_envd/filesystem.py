@@ -60,7 +60,7 @@ class Operation:
             raise ConnectError(Code.INVALID_ARGUMENT, str(e)) from e
 
     def accounts(self) -> Accounts:
-        return Accounts.read(self.root)
+        return self.scope.accounts_sync(self.root)
 
 
 async def run_operation(work: Callable[[Operation], _T]) -> _T:

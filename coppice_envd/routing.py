@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from coppice_api.jails.confined import ConfinedRoot
 from coppice_api.jails.runtime.base import User
+from coppice_envd.accounts import Accounts
 from coppice_envd.auth import effective_user
 from coppice_envd.sandboxes import SandboxLookup, SandboxView
 
@@ -79,20 +80,25 @@ class RequestScope:
 
     sandbox: SandboxView
     basic_user: str | None  # from `Authorization: Basic`, None without it
+    _accounts: Accounts | None = field(default=None, repr=False)
     _user: User | None = field(default=None, repr=False)
+
+    def accounts_sync(self, root: ConfinedRoot) -> Accounts:
+        """The sandbox's users and groups as of this request (blocking)."""
+        if self._accounts is None:
+            self._accounts = Accounts.read(root)
+        return self._accounts
 
     def user_sync(self, root: ConfinedRoot | None = None) -> User:
         """The effective user (blocking; raises auth.UnknownUser)."""
         if self._user is None:
             if root is None:
                 with ConfinedRoot(self.sandbox.jail.root) as own_root:
-                    self._user = self._lookup(own_root)
-            else:
-                self._user = self._lookup(root)
+                    return self.user_sync(own_root)
+            self._user = effective_user(
+                self.accounts_sync(root), root, self.basic_user, self.sandbox.default_user
+            )
         return self._user
-
-    def _lookup(self, root: ConfinedRoot) -> User:
-        return effective_user(root, self.basic_user, self.sandbox.default_user)
 
 
 _current: ContextVar[RequestScope] = ContextVar("coppice_gateway_request")

@@ -1,0 +1,223 @@
+"""Gateway filesystem speed against the floor, in one run.
+
+    .venv/bin/python bench/bench_gateway_fs.py [--calls 2000] [--mb 100]
+
+Unary: Connect `filesystem.Filesystem/Stat` (JSON, HTTP/1.1 keep-alive, one httpx client) vs a
+trivial ASGI endpoint on the same hypercorn with the same client (the floor); the official SDK's
+`files.get_info` for reference. Transfer: a 100 MB upload (POST /files, octet-stream) and
+download (GET /files, identity) vs a raw copy of the same file on the same disk.
+The gateway runs in its own process (so client and server do not share a GIL), serving a
+stand-in sandbox rooted in a temp dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+import httpx  # noqa: E402
+from gateway_fixtures import StaticLookup, make_sandbox  # noqa: E402
+
+from coppice_envd.app import build_gateway, serve_gateway  # noqa: E402
+from coppice_envd.envd_http import Receive, Scope, Send, send_json  # noqa: E402
+
+CHUNK = 1024 * 1024
+
+
+def serve(root: Path, port_file: Path) -> None:
+    """Child process: the gateway plus a trivial floor endpoint on one hypercorn listener."""
+    gateway = build_gateway(StaticLookup([make_sandbox(root, "bench")]), process=None)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/floor":
+            while (await receive()).get("more_body"):
+                pass
+            await send_json(send, 200, {"ok": True})
+        elif scope["type"] == "http" and scope["path"] == "/floor/bytes":
+            # hypercorn's own ceiling for a large response body, no file I/O.
+            size = int(scope["query_string"] or 0)
+            block = bytes(CHUNK)
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            for offset in range(0, size, CHUNK):
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": block,
+                        "more_body": offset + CHUNK < size,
+                    }
+                )
+        else:
+            await gateway(scope, receive, send)
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    port_file.write_text(str(sock.getsockname()[1]))
+    asyncio.run(serve_gateway(app, sockets=[sock]))
+
+
+def timed_calls(n: int, call: Callable[[], object]) -> list[float]:
+    for _ in range(min(100, n)):
+        call()  # warm up
+    samples = []
+    for _ in range(n):
+        started = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+def percentile(samples: list[float], p: float) -> float:
+    return sorted(samples)[min(len(samples) - 1, int(len(samples) * p))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--mb", type=int, default=100)
+    parser.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(Path(args.serve[0]), Path(args.serve[1]))
+        return
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        work = Path(tmp)
+        root, port_file = work / "root", work / "port"
+        server = subprocess.Popen(
+            [sys.executable, __file__, "--serve", str(root), str(port_file)], cwd=REPO
+        )
+        try:
+            for _ in range(200):
+                if port_file.exists() and port_file.read_text():
+                    break
+                time.sleep(0.05)
+            url = f"http://127.0.0.1:{port_file.read_text()}"
+            run(url, root, work, args.calls, args.mb)
+        finally:
+            server.terminate()
+            server.wait(30)
+
+
+def run(url: str, root: Path, work: Path, calls: int, mb: int) -> None:
+    (root / "home/user/stat-me.txt").write_text("x")
+    rows: list[tuple[str, str, str]] = []
+    with httpx.Client(timeout=120) as client:
+        for _ in range(100):
+            try:
+                client.get(f"{url}/health")
+                break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        headers = {"content-type": "application/json"}
+        floor = timed_calls(
+            calls, lambda: client.post(f"{url}/floor", content=b"{}", headers=headers)
+        )
+        stat = timed_calls(
+            calls,
+            lambda: client.post(
+                f"{url}/filesystem.Filesystem/Stat",
+                content=b'{"path":"/home/user/stat-me.txt"}',
+                headers=headers,
+            ),
+        )
+        rows.append(("floor: trivial ASGI POST", _ms(floor), ""))
+        rows.append(("Connect unary Stat", _ms(stat), "target p50 <= 1.5 ms"))
+
+        os.environ.update(E2B_DEBUG="true", E2B_SANDBOX_URL=url, E2B_API_KEY="bench")
+        from e2b import Sandbox
+
+        sbx = Sandbox.create()
+        sdk = timed_calls(min(calls, 500), lambda: sbx.files.get_info("stat-me.txt"))
+        rows.append(("SDK files.get_info (reference)", _ms(sdk), ""))
+
+        size = mb * CHUNK
+        data = os.urandom(size)
+        source = work / "source.bin"
+        source.write_bytes(data)
+        started = time.perf_counter()
+        shutil.copyfile(source, work / "copy.bin")
+        copy_s = time.perf_counter() - started
+        rows.append((f"floor: raw copy {mb} MB (same disk)", _rate(size, copy_s), ""))
+
+        def chunks() -> object:
+            view = memoryview(data)
+            for offset in range(0, size, CHUNK):
+                yield view[offset : offset + CHUNK]
+
+        started = time.perf_counter()
+        response = client.post(
+            f"{url}/files",
+            params={"path": "/home/user/big.bin"},
+            content=chunks(),  # type: ignore[arg-type]
+            headers={"content-type": "application/octet-stream"},
+        )
+        upload_s = time.perf_counter() - started
+        assert response.status_code == 200, response.text
+        rows.append((f"upload {mb} MB (POST /files)", _rate(size, upload_s), "target >= 300 MB/s"))
+
+        started = time.perf_counter()
+        client.post(f"{url}/floor", content=chunks())  # type: ignore[arg-type]
+        rows.append(
+            (
+                f"floor: POST {mb} MB to a trivial endpoint",
+                _rate(size, time.perf_counter() - started),
+                "",
+            )
+        )
+        started = time.perf_counter()
+        with client.stream("GET", f"{url}/floor/bytes?{size}") as stream:
+            for _ in stream.iter_raw(CHUNK):
+                pass
+        rows.append(
+            (
+                f"floor: GET {mb} MB from a trivial endpoint",
+                _rate(size, time.perf_counter() - started),
+                "",
+            )
+        )
+
+        started = time.perf_counter()
+        received = 0
+        with client.stream(
+            "GET",
+            f"{url}/files",
+            params={"path": "/home/user/big.bin"},
+            headers={"accept-encoding": "identity"},
+        ) as stream:
+            for piece in stream.iter_raw(CHUNK):
+                received += len(piece)
+        download_s = time.perf_counter() - started
+        assert received == size
+        rows.append(
+            (f"download {mb} MB (GET /files)", _rate(size, download_s), "target >= 300 MB/s")
+        )
+
+    width = max(len(r[0]) for r in rows)
+    print(f"{'measurement':<{width}}  {'result':<34}  note")
+    for name, result, note in rows:
+        print(f"{name:<{width}}  {result:<34}  {note}")
+
+
+def _ms(samples: list[float]) -> str:
+    return f"p50 {statistics.median(samples):.2f} ms  p99 {percentile(samples, 0.99):.2f} ms"
+
+
+def _rate(size: int, seconds: float) -> str:
+    return f"{size / seconds / 1e6:.0f} MB/s ({seconds:.2f} s)"
+
+
+if __name__ == "__main__":
+    main()
