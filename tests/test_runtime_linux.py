@@ -242,6 +242,8 @@ async def test_root_in_the_jail_cannot_get_out(jail: LinuxJail) -> None:
         f"core_pattern refused {errno.EROFS}",
         f"mount refused {errno.EPERM}",
     ]
+    # Host paths (data dir, sandbox root, cgroups) do not show in init's command line.
+    assert (await sh(jail, "cat /proc/1/cmdline")).rstrip("\0") == "coppice-init"
     # Root still runs as root for ordinary work: owning files, switching users.
     assert await sh(jail, "touch /f && chown 1000:1000 /f && stat -c %u /f") == "1000\n"
     assert await sh(jail, "su -s /bin/sh -c 'id -u' user") == "1000\n"

@@ -490,13 +490,22 @@ static _Noreturn void serve(int sig_fd, int listen_fd)
     }
 }
 
+/* /proc/1/cmdline is readable in the jail: host paths (data dir, root, cgroups) stay out of it. */
+static void hide_arguments(int argc, char **argv)
+{
+    char *end = argv[argc - 1] + strlen(argv[argc - 1]);
+    memset(argv[0], 0, (size_t)(end - argv[0]));
+    strncpy(argv[0], "coppice-init", (size_t)(end - argv[0]));
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 4) {
         fprintf(stderr, "usage: %s ROOT HOSTNAME SOCKET [CGROUP_PROCS_FILE...]\n", argv[0]);
         return 2;
     }
-    const char *root = argv[1], *hostname = argv[2], *sock_path = argv[3];
+    char *root = strdup(argv[1]), *hostname = strdup(argv[2]), *sock_path = strdup(argv[3]);
+    if (!root || !hostname || !sock_path) die(-1, "strdup");
     /* If the starter dies before the jail is ready, so does the jail: nothing half-made escapes
        the cgroups (pids are written next) and the starter's cleanup finds everything. */
     pid_t starter = getppid();
@@ -524,6 +533,7 @@ int main(int argc, char **argv)
     }
     close(ready[0]);
     if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0) die(ready[1], "prctl");
+    hide_arguments(argc, argv);
     sigset_t mask;
     sigemptyset(&mask);
     sigaddset(&mask, SIGCHLD);
