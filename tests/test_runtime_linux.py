@@ -422,6 +422,18 @@ async def test_freeze_stops_a_loop_and_thaw_resumes_it(jail: LinuxJail) -> None:
         os.close(fd)
 
 
+async def test_stop_of_a_frozen_jail(jail: LinuxJail) -> None:
+    sleeper = await jail.exec(ExecSpec(["sleep", "1000"], ROOT_USER, "/", ENV))
+    for fd in (sleeper.stdin_fd, sleeper.stdout_fd, sleeper.stderr_fd):
+        assert fd is not None
+        os.close(fd)
+    await jail.freeze()
+    await jail.stop()
+    assert await asyncio.wait_for(sleeper.wait(), HANG) == ExitStatus(-9, signal.SIGKILL)
+    assert processes_rooted_at(jail.root) == []
+    assert not any(d.exists() for d in cgroup_dirs(jail.sandbox_id))
+
+
 # -- Stop, restart, leftovers ---------------------------------------------------------------------
 async def test_stop_leaves_nothing(runtime: LinuxRuntime, jail: LinuxJail, data_dir: Path) -> None:
     sleeper = await jail.exec(ExecSpec(["sleep", "1000"], ROOT_USER, "/", ENV))

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from coppice_api.jails.runtime.base import JailStats, Limits
+from coppice_api.jails.runtime.base import JailError, JailStats, Limits
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PARENT = "coppice"
@@ -29,7 +29,7 @@ _V2_CONTROLLERS = {"memory", "cpu", "pids"}
 _POLL_SECONDS = 0.001
 
 
-class CgroupError(Exception):
+class CgroupError(JailError):
     pass
 
 
@@ -168,14 +168,19 @@ class SandboxCgroups:
 
     # Freezer --------------------------------------------------------------------------------
     def freeze(self, timeout: float = 10.0) -> None:
+        """Stop every process of the sandbox; all or nothing (thawed again on failure)."""
+        d = self._controller("freezer")
         if self.layout.v2 is not None:
-            d = self._controller("freezer")
             _write(d / "cgroup.freeze", "1")
-            _wait_for(lambda: "frozen 1" in (d / "cgroup.events").read_text(), timeout)
-            return
-        state = self._controller("freezer") / "freezer.state"
-        _write(state, "FROZEN")
-        _wait_for(lambda: state.read_text().strip() == "FROZEN", timeout)
+            frozen = _wait_for(lambda: "frozen 1" in (d / "cgroup.events").read_text(), timeout)
+        else:
+            _write(d / "freezer.state", "FROZEN")
+            state = d / "freezer.state"
+            frozen = _wait_for(lambda: state.read_text().strip() == "FROZEN", timeout)
+        if not frozen:
+            # A task stuck in the kernel (e.g. uninterruptible I/O) holds the freeze back.
+            self.thaw()
+            raise CgroupError(f"the processes of {self.sandbox_id} could not be frozen")
 
     def thaw(self) -> None:
         if self.layout.v2 is not None:
@@ -221,9 +226,11 @@ def _write_if_exists(path: Path, text: str) -> None:
         _write(path, text)
 
 
-def _wait_for(condition: Callable[[], bool], timeout: float) -> None:
+def _wait_for(condition: Callable[[], bool], timeout: float) -> bool:
+    """Whether the condition came true within the timeout."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise CgroupError("timed out waiting for the cgroup freezer")
+            return False
         time.sleep(_POLL_SECONDS)
+    return True
