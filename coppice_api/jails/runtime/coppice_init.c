@@ -267,6 +267,7 @@ static void become(const struct exec_args *a, const int *stdio, int pty_master, 
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
+    for (int sig = 1; sig < NSIG; sig++) signal(sig, SIG_DFL); /* no SIG_IGN from the starter */
     if (oom_protected && write_file("/proc/self/oom_score_adj", "0") < 0) {
         stage = "oom_score_adj";
         goto fail;

@@ -22,6 +22,7 @@ import signal
 import socket
 import struct
 import subprocess
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,7 +192,7 @@ def _build_init(libexec: Path) -> Path:
     if binary.exists():
         return binary
     libexec.mkdir(parents=True, exist_ok=True)
-    partial = binary.with_name(f".{binary.name}.{os.getpid()}")
+    partial = binary.with_name(f".{binary.name}.{uuid.uuid4().hex}")
     # Static: nothing to load at each jail start, and a smaller resident size per idle jail.
     result = subprocess.run(
         ["cc", "-O2", "-Wall", "-Wextra", "-static", "-o", str(partial), str(INIT_SOURCE)],
