@@ -1,0 +1,268 @@
+"""Speed of the code interpreter through the official SDK, against the kernel's own floor.
+
+    .venv/bin/python bench/bench_interpreter.py [--template-root DIR] [--runs N] [--starts N]
+
+Real Linux jails on overlay clones of the built `code-interpreter-v1` template (by default the
+tests' cached build), served by the real gateway (hypercorn) with the Interpreter; the sync
+`e2b-code-interpreter` SDK runs in a child process, as a real client would. Measures:
+  * floor: the kernel's own round trip with jupyter_client (`execute` + `execute_reply`, a
+    second client on the same kernel), and the interpreter's kernel path (reply + idle);
+  * `sandbox.run_code("x = 1")`, p50/p95 over N sequential calls (target p50 <= 10 ms);
+  * the first `run_code` after a sandbox's jail is up (target <= 1.5 s): cold (the first request
+    starts the kernel), pre-started (`Interpreter.sandbox_started` right after the jail starts,
+    as the composition root does) and pre-started with the kernel already ready.
+Needs root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from jupyter_client.asynchronous.client import AsyncKernelClient
+
+from coppice_api.jails.runtime.base import Jail, Limits
+from coppice_api.jails.runtime.linux import LinuxRuntime
+from coppice_envd.app import build_gateway, serve_gateway
+from coppice_envd.interpreter import Interpreter
+from coppice_envd.sandboxes import SandboxLookup, SandboxView
+
+REPO = Path(__file__).resolve().parent.parent
+
+# The SDK client: reads "<sandbox id> <runs>" lines, answers each with a JSON list of seconds.
+CLIENT = r"""
+import json, sys, time
+from e2b import ConnectionConfig
+from e2b_code_interpreter import Sandbox
+from packaging.version import Version
+url = sys.argv[1]
+config = ConnectionConfig(sandbox_url=url, api_key="e2b_" + "0" * 40)
+print("ready", flush=True)
+for line in sys.stdin:
+    sandbox_id, runs = line.split()
+    sandbox = Sandbox(sandbox_id=sandbox_id, sandbox_domain=None, envd_version=Version("0.4.0"),
+                      envd_access_token=None, traffic_access_token=None, connection_config=config)
+    times = []
+    for _ in range(int(runs)):
+        start = time.perf_counter()
+        execution = sandbox.run_code("x = 1")
+        times.append(time.perf_counter() - start)
+        assert execution.error is None, execution.error
+    print(json.dumps(times), flush=True)
+"""
+
+
+class Sandboxes(SandboxLookup):
+    def __init__(self) -> None:
+        self.views: dict[str, SandboxView] = {}
+
+    def get(self, sandbox_id: str) -> SandboxView | None:
+        return self.views.get(sandbox_id)
+
+    def most_recent(self) -> SandboxView | None:
+        return next(reversed(self.views.values()), None)
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:8.2f}"
+
+
+class Bench:
+    def __init__(self, template_root: Path, work: Path) -> None:
+        self.template_root = template_root
+        self.work = work
+        self.runtime = LinuxRuntime(work / "data")
+        self.lookup = Sandboxes()
+        self.interpreter = Interpreter()
+        self.jails: list[Jail] = []
+        self.mounts: list[Path] = []
+
+    async def start_jail(self) -> SandboxView:
+        sandbox_id = "bench" + uuid.uuid4().hex[:10]
+        base = self.work / sandbox_id
+        upper, work, merged = base / "upper", base / "work", base / "merged"
+        for d in (upper, work, merged):
+            d.mkdir(parents=True)
+        options = f"lowerdir={self.template_root},upperdir={upper},workdir={work}"
+        mount = await asyncio.create_subprocess_exec(
+            "mount", "-t", "overlay", "overlay", "-o", options, str(merged)
+        )
+        if await mount.wait() != 0:
+            raise SystemExit("mount failed")
+        self.mounts.append(merged)
+        jail = await self.runtime.start(sandbox_id, merged, Limits())
+        self.jails.append(jail)
+        view = SandboxView(sandbox_id=sandbox_id, jail=jail, access_token=None)
+        self.lookup.views[sandbox_id] = view
+        return view
+
+    async def close(self) -> None:
+        await self.interpreter.close()
+        for jail in self.jails:
+            await jail.stop()
+        for merged in self.mounts:
+            umount = await asyncio.create_subprocess_exec("umount", "--lazy", str(merged))
+            await umount.wait()
+
+
+class Client:
+    """The SDK in a child process."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+
+    @classmethod
+    async def start(cls, url: str) -> Client:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            CLIENT,
+            url,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=REPO,
+        )
+        client = cls(process)
+        assert await client._line() == "ready"
+        return client
+
+    async def _line(self) -> str:
+        assert self.process.stdout is not None
+        return (await self.process.stdout.readline()).decode().strip()
+
+    async def run(self, sandbox_id: str, runs: int) -> list[float]:
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"{sandbox_id} {runs}\n".encode())
+        await self.process.stdin.drain()
+        line = await self._line()
+        if not line:
+            raise SystemExit("the SDK client failed")
+        times: list[float] = json.loads(line)
+        return times
+
+    async def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        await self.process.wait()
+
+
+async def kernel_floor(bench: Bench, sandbox_id: str, runs: int) -> tuple[list[float], list[float]]:
+    """(jupyter_client execute+reply on a second client, the interpreter's reply+idle path)."""
+    contexts = bench.interpreter._sandboxes[sandbox_id]
+    kernel = contexts.defaults["python"].kernel
+    assert kernel is not None
+    client = AsyncKernelClient()
+    client.load_connection_info(kernel.client.get_connection_info())
+    client.start_channels(shell=True, iopub=False, stdin=False, hb=False, control=False)
+    raw: list[float] = []
+    try:
+        await client.execute("x = 1", reply=True, timeout=30)
+        for _ in range(runs):
+            start = time.perf_counter()
+            await client.execute("x = 1", reply=True, timeout=30)
+            raw.append(time.perf_counter() - start)
+    finally:
+        client.stop_channels()
+    ours: list[float] = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        async for _msg in kernel.execute("x = 1").messages():
+            pass
+        ours.append(time.perf_counter() - start)
+    return raw, ours
+
+
+async def wait_kernel_ready(bench: Bench, sandbox_id: str) -> None:
+    context = bench.interpreter._sandboxes[sandbox_id].defaults["python"]
+    await context.ensure_started()
+
+
+async def first_run(bench: Bench, client: Client, mode: str) -> tuple[float, float]:
+    """(jail start seconds, first run_code seconds measured by the SDK)."""
+    start = time.perf_counter()
+    view = await bench.start_jail()
+    jail_seconds = time.perf_counter() - start
+    if mode != "cold":
+        await bench.interpreter.sandbox_started(view)
+    if mode == "ready":
+        await wait_kernel_ready(bench, view.sandbox_id)
+    (first,) = await client.run(view.sandbox_id, 1)
+    return jail_seconds, first
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--template-root", type=Path, default=None)
+    parser.add_argument("--runs", type=int, default=300)
+    parser.add_argument("--starts", type=int, default=3)
+    args = parser.parse_args()
+    template_root = args.template_root
+    if template_root is None:
+        sys.path.insert(0, str(REPO / "tests"))
+        from template_fixtures import built_template_root
+
+        template_root = await asyncio.to_thread(built_template_root, "code-interpreter-v1")
+
+    with tempfile.TemporaryDirectory(prefix="coppice-bench-interp-") as tmp:
+        bench = Bench(template_root, Path(tmp))
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        stop = asyncio.Event()
+        app = build_gateway(bench.lookup, process=None, interpreter=bench.interpreter)
+        server = asyncio.create_task(serve_gateway(app, sockets=[sock], shutdown_trigger=stop.wait))
+        client = await Client.start(url)
+        try:
+            rows: list[tuple[str, list[float]]] = []
+            view = await bench.start_jail()
+            await bench.interpreter.sandbox_started(view)
+            await wait_kernel_ready(bench, view.sandbox_id)
+            await client.run(view.sandbox_id, 20)  # warm both ends
+            raw, ours = await kernel_floor(bench, view.sandbox_id, args.runs)
+            rows.append(("floor: jupyter_client execute+reply", raw))
+            rows.append(("interpreter kernel path (reply+idle)", ours))
+            rows.append(('SDK run_code("x = 1")', await client.run(view.sandbox_id, args.runs)))
+
+            firsts: dict[str, list[float]] = {"cold": [], "prestart": [], "ready": []}
+            jail_starts: list[float] = []
+            for _ in range(args.starts):
+                for mode, samples in firsts.items():
+                    jail_seconds, first = await first_run(bench, client, mode)
+                    jail_starts.append(jail_seconds)
+                    samples.append(first)
+            rows.append(("jail start (Sandbox.create's floor)", jail_starts))
+            rows.append(("first run_code, cold kernel", firsts["cold"]))
+            rows.append(("first run_code, pre-started at create", firsts["prestart"]))
+            rows.append(("first run_code, pre-started and ready", firsts["ready"]))
+
+            print(f"{'measurement':42} {'n':>4} {'p50 ms':>8} {'p95 ms':>8} {'mean ms':>8}")
+            for name, samples in rows:
+                print(
+                    f"{name:42} {len(samples):4d} {ms(statistics.median(samples))}"
+                    f" {ms(percentile(samples, 0.95))} {ms(statistics.fmean(samples))}"
+                )
+        finally:
+            await client.close()
+            await bench.close()
+            stop.set()
+            await server
+            sock.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
