@@ -7,9 +7,10 @@ everything about running processes lives in `process_table`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
@@ -202,8 +203,11 @@ class ProcessService:
                 subscription = await start([*UNEXECUTABLE_FALLBACK, *argv])
         except ProcessError as exc:
             raise _rpc_error(exc) from exc
-        async for event in _events(subscription, ctx.request_headers, ctx.timeout_ms):
-            yield pb.StartResponse(event=event)
+        async with contextlib.aclosing(
+            _events(subscription, ctx.request_headers, ctx.timeout_ms)
+        ) as events:
+            async for event in events:
+                yield pb.StartResponse(event=event)
 
     async def connect(
         self,
@@ -215,8 +219,11 @@ class ProcessService:
             subscription = self._current_table().connect(selector)
         except ProcessError as exc:
             raise _rpc_error(exc) from exc
-        async for event in _events(subscription, ctx.request_headers, ctx.timeout_ms):
-            yield pb.ConnectResponse(event=event)
+        async with contextlib.aclosing(
+            _events(subscription, ctx.request_headers, ctx.timeout_ms)
+        ) as events:
+            async for event in events:
+                yield pb.ConnectResponse(event=event)
 
     # -- unary -----------------------------------------------------------------------------
 
@@ -314,7 +321,7 @@ class ProcessService:
 
 async def _events(
     subscription: Subscription, headers: Headers, timeout_ms: float | None
-) -> AsyncIterator[pb.ProcessEvent]:
+) -> AsyncGenerator[pb.ProcessEvent, None]:
     """A subscription as envd streams it: start, data, keepalives while idle, then one end.
 
     The RPC deadline (`Connect-Timeout-Ms`) ends the stream with deadline_exceeded; closing the

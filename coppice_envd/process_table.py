@@ -430,8 +430,15 @@ class ManagedProcess(Generic[C]):
     def kill_at(self, seconds: float) -> None:
         """SIGKILL the process after `seconds`, whoever still listens (envd's Start timeout)."""
         self._deadline = asyncio.get_running_loop().call_later(
-            seconds, lambda: self._table._spawn_task(self.send_signal(signal.SIGKILL))
+            seconds, lambda: self._table._spawn_task(self.kill())
         )
+
+    async def kill(self) -> None:
+        """SIGKILL, reporting a failure in the log (nobody else is there to tell)."""
+        try:
+            await self.send_signal(signal.SIGKILL)
+        except SignalFailed as exc:
+            logger.warning("killing process %s failed: %s", self.pid, exc)
 
     # -- end ----------------------------------------------------------------------------------
 
@@ -525,7 +532,7 @@ class ProcessTable(Generic[C]):
     async def close(self) -> None:
         """SIGKILL every live process and wait until they are reaped (the sandbox is going)."""
         for managed in list(self._live.values()):
-            await managed.send_signal(signal.SIGKILL)
+            await managed.kill()
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         for retained in self._retained.values():

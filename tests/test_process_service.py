@@ -449,14 +449,20 @@ async def test_process_outlives_its_stream_and_stays_connectable(
 async def test_output_without_listeners_is_dropped_without_blocking(
     service: ProcessService,
 ) -> None:
-    # 64 MiB is far beyond any pipe and subscriber buffer: it only finishes if we keep reading.
-    stream = service.start(
-        start_request("head -c 67108864 /dev/zero; echo finished >&2"), context("Start")
-    )
+    # 64 MiB is far beyond any pipe and subscriber buffer: the process can only finish while
+    # nobody listens if its output is read and dropped.
+    stream = service.start(start_request("head -c 67108864 /dev/zero; exit 3"), context("Start"))
     pid = (await first_event(stream)).start.pid
     await stream.aclose()
+    for _ in range(3000):  # up to 30 s: a hang guard, not a speed check
+        if not (await service.list(pb.ListRequest(), context("List"))).processes:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        pytest.fail("the process blocked on output nobody listened to")
     result = await collect(service.connect(connect_pid(pid), context("Connect")))
-    assert result.end.exit_code == 0
+    assert result.kinds == ["start", "end"]
+    assert result.end.exit_code == 3
 
 
 async def test_a_slow_listener_gets_everything(service: ProcessService) -> None:
