@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_gateway_fs.py [--calls 2000] [--mb 100]
 
-Unary: Connect `filesystem.Filesystem/Stat` (JSON, HTTP/1.1 keep-alive, one httpx client) vs a
+Unary: Connect `filesystem.Filesystem/Stat` (JSON, HTTP/1.1 keep-alive, one pyqwest client) vs a
 trivial ASGI endpoint on the same hypercorn with the same client (the floor); the official SDK's
 `files.get_info` for reference. Transfer: a 100 MB upload (POST /files, octet-stream) and
 download (GET /files, identity) vs a raw copy of the same file on the same disk.
@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 import httpx  # noqa: E402
+import pyqwest  # noqa: E402
 from gateway_fixtures import StaticLookup, make_sandbox  # noqa: E402
 
 from coppice_envd.app import build_gateway, serve_gateway  # noqa: E402
@@ -121,18 +122,19 @@ def run(url: str, root: Path, work: Path, calls: int, mb: int) -> None:
                 break
             except httpx.TransportError:
                 time.sleep(0.05)
+        # The SDK's own HTTP stack (pyqwest) for the unary calls, floor and Stat alike.
+        rpc = pyqwest.SyncClient()
         headers = {"content-type": "application/json"}
-        floor = timed_calls(
-            calls, lambda: client.post(f"{url}/floor", content=b"{}", headers=headers)
-        )
+        floor = timed_calls(calls, lambda: rpc.post(f"{url}/floor", headers, b"{}"))
         stat = timed_calls(
             calls,
-            lambda: client.post(
+            lambda: rpc.post(
                 f"{url}/filesystem.Filesystem/Stat",
-                content=b'{"path":"/home/user/stat-me.txt"}',
-                headers=headers,
+                headers,
+                b'{"path":"/home/user/stat-me.txt"}',
             ),
         )
+        assert rpc.post(f"{url}/filesystem.Filesystem/Stat", headers, b'{"path":"/"}').status == 200
         rows.append(("floor: trivial ASGI POST", _ms(floor), ""))
         rows.append(("Connect unary Stat", _ms(stat), "target p50 <= 1.5 ms"))
 

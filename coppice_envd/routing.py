@@ -15,10 +15,13 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+
 from coppice_api.jails.confined import ConfinedRoot
 from coppice_api.jails.runtime.base import User
 from coppice_envd.accounts import Accounts
-from coppice_envd.auth import effective_user
+from coppice_envd.auth import UnknownUser, effective_user
 from coppice_envd.sandboxes import SandboxLookup, SandboxView
 
 ENVD_PORT = 49983
@@ -119,8 +122,12 @@ def current_sandbox() -> SandboxView:
 
 
 async def current_user() -> User:
-    """The effective user of the request being served (raises auth.UnknownUser)."""
+    """The effective user of the request being served. An unknown user raises the Connect
+    `unauthenticated` error envd answers with (`invalid username: '<name>'`)."""
     scope = _current.get()
     if scope._user is not None:
         return scope._user
-    return await asyncio.to_thread(scope.user_sync)
+    try:
+        return await asyncio.to_thread(scope.user_sync)
+    except UnknownUser as e:
+        raise ConnectError(Code.UNAUTHENTICATED, str(e)) from e

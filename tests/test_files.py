@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import socket
 import stat
 import threading
 import time
@@ -331,3 +332,28 @@ def test_files_list(gateway: RunningGateway, root: Path) -> None:
         "FILE_TYPE_FILE",
     )
     assert httpx.get(f"{gateway.url}/files/list", params={"path": "/nope"}).status_code == 404
+
+
+def test_client_gone_mid_upload_loses_nothing(gateway: RunningGateway, root: Path) -> None:
+    target = root / "home/user/keep.txt"
+    target.write_bytes(b"original")
+    with socket.create_connection(("127.0.0.1", gateway.port)) as conn:
+        conn.sendall(
+            b"POST /files?path=keep.txt HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/octet-stream\r\nContent-Length: 4000000\r\n\r\n"
+            + b"n" * 1_500_000
+        )
+        deadline = time.monotonic() + 10
+        while not _uploads_in(target.parent) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _uploads_in(target.parent)  # the upload was under way
+    deadline = time.monotonic() + 10
+    while _uploads_in(target.parent) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not _uploads_in(target.parent)
+    assert target.read_bytes() == b"original"
+    assert httpx.get(f"{gateway.url}/files", params={"path": "keep.txt"}).text == "original"
+
+
+def _uploads_in(directory: Path) -> list[Path]:
+    return [p for p in directory.iterdir() if "coppice-upload" in p.name]

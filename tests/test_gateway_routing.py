@@ -267,3 +267,26 @@ def test_connect_over_h2c(two: tuple[RunningGateway, Path, Path]) -> None:
         )
     assert response.http_version == "HTTP/2"
     assert response.json()["entry"]["name"] == "in-a"
+
+
+def test_interpreter_lifespan_runs_with_the_gateway(tmp_path: Path) -> None:
+    events: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                events.append(message["type"])
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        else:
+            await interpreter_app(scope, receive, send)
+
+    with start_gateway(StaticLookup([make_sandbox(tmp_path / "s")]), interpreter=app) as gw:
+        assert events == ["lifespan.startup"]
+        response = httpx.get(f"{gw.url}/contexts", headers={"e2b-sandbox-port": "49999"})
+        assert response.json() == {"interpreter": "s", "path": "/contexts"}
+    assert events == ["lifespan.startup", "lifespan.shutdown"]
