@@ -280,7 +280,8 @@ class SandboxManager:
         alias = spec.template if spec.template != storage_template else None
         return await self._create_from(storage_template, info, alias, spec)
 
-    def _sizes(self) -> tuple[int, int]:
+    def sandbox_size(self) -> tuple[int, int]:
+        """(cpu count, memory MiB) every sandbox gets under the configured limits."""
         cpus = (
             math.ceil(self.limits.cpu_millicores / 1000)
             if self.limits.cpu_millicores
@@ -303,7 +304,7 @@ class SandboxManager:
             jail = await self.runtime.start(sandbox_id, root, self.limits)
             undo.push("stop jail", jail.stop)
             now = self._clock()
-            cpus, memory_mb = self._sizes()
+            cpus, memory_mb = self.sandbox_size()
             record = SandboxRecord(
                 id=sandbox_id,
                 template=storage_template,
