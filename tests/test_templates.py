@@ -75,6 +75,12 @@ def make_rootfs_tar(
     return path
 
 
+async def rootfs_tar(
+    path: Path, with_user: bool = True, extra: Sequence[tuple[str, str]] = ()
+) -> Path:
+    return await asyncio.to_thread(make_rootfs_tar, path, with_user, extra)
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> TemplateStore:
     data = tmp_path / "data"
@@ -114,7 +120,7 @@ async def test_import_tar_keeps_owners_and_modes(any_store: TemplateStore, tmp_p
     store = any_store
     for compressed in (False, True):
         name = "imported-gz" if compressed else "imported"
-        tar = make_rootfs_tar(tmp_path / f"{name}.tar{'.gz' if compressed else ''}")
+        tar = await rootfs_tar(tmp_path / f"{name}.tar{'.gz' if compressed else ''}")
         lines: list[str] = []
         info = await store.import_tar(name, tar, lines.append)
         assert lines, "import reports progress"
@@ -132,7 +138,7 @@ async def test_import_tar_keeps_owners_and_modes(any_store: TemplateStore, tmp_p
 
 
 async def test_import_without_user_defaults_to_root(store: TemplateStore, tmp_path: Path) -> None:
-    info = await store.import_tar("plain", make_rootfs_tar(tmp_path / "p.tar", with_user=False))
+    info = await store.import_tar("plain", await rootfs_tar(tmp_path / "p.tar", with_user=False))
     assert (info.user, info.workdir) == ("root", "/root")
 
 
@@ -149,7 +155,7 @@ async def test_import_without_user_defaults_to_root(store: TemplateStore, tmp_pa
 async def test_malicious_tar_is_rejected_and_leaves_nothing(
     store: TemplateStore, tmp_path: Path, extra: list[tuple[str, str]]
 ) -> None:
-    tar = make_rootfs_tar(tmp_path / "evil.tar", extra=extra)
+    tar = await rootfs_tar(tmp_path / "evil.tar", extra=extra)
     with pytest.raises(TemplateError, match="unsafe tar member"):
         await store.import_tar("evil", tar)
     assert await leftovers(store) == []
@@ -170,8 +176,8 @@ async def test_list_shows_name_size_created_backend(
     any_store: TemplateStore, tmp_path: Path
 ) -> None:
     store = any_store
-    await store.import_tar("one", make_rootfs_tar(tmp_path / "1.tar"))
-    await store.import_tar("two", make_rootfs_tar(tmp_path / "2.tar"))
+    await store.import_tar("one", await rootfs_tar(tmp_path / "1.tar"))
+    await store.import_tar("two", await rootfs_tar(tmp_path / "2.tar"))
     infos = await store.list()
     assert [i.name for i in infos] == ["one", "two"]
     for info in infos:
@@ -186,14 +192,14 @@ async def test_list_shows_name_size_created_backend(
 
 
 async def test_default_is_an_alias_of_base(store: TemplateStore, tmp_path: Path) -> None:
-    await store.import_tar("base", make_rootfs_tar(tmp_path / "b.tar"))
+    await store.import_tar("base", await rootfs_tar(tmp_path / "b.tar"))
     assert (await store.get("default")).name == "base"
     assert await store.root("default") == await store.root("base")
     # ensure() finds an existing template without building anything.
     assert (await store.ensure("default")).origin == "import"
     assert "default" in format_template_table(await store.list())
     with pytest.raises(TemplateError, match="alias"):
-        await store.import_tar("default", make_rootfs_tar(tmp_path / "d.tar"))
+        await store.import_tar("default", await rootfs_tar(tmp_path / "d.tar"))
     with pytest.raises(TemplateError, match="alias"):
         await store.delete("default")
 
@@ -201,7 +207,7 @@ async def test_default_is_an_alias_of_base(store: TemplateStore, tmp_path: Path)
 async def test_unknown_template_names_the_available_ones(
     store: TemplateStore, tmp_path: Path
 ) -> None:
-    await store.import_tar("mine", make_rootfs_tar(tmp_path / "m.tar"))
+    await store.import_tar("mine", await rootfs_tar(tmp_path / "m.tar"))
     with pytest.raises(UnknownTemplate, match="unknown template 'nope'") as caught:
         await store.get("nope")
     message = str(caught.value)
@@ -214,7 +220,7 @@ async def test_unknown_template_names_the_available_ones(
 
 
 async def test_bad_and_duplicate_names(store: TemplateStore, tmp_path: Path) -> None:
-    tar = make_rootfs_tar(tmp_path / "t.tar")
+    tar = await rootfs_tar(tmp_path / "t.tar")
     for bad in ("../x", "Upper", "a/b", ""):
         with pytest.raises(TemplateError, match="invalid"):
             await store.import_tar(bad, tar)
@@ -226,7 +232,7 @@ async def test_bad_and_duplicate_names(store: TemplateStore, tmp_path: Path) -> 
 
 async def test_delete_refuses_while_in_use(any_store: TemplateStore, tmp_path: Path) -> None:
     store = any_store
-    await store.import_tar("used", make_rootfs_tar(tmp_path / "u.tar"))
+    await store.import_tar("used", await rootfs_tar(tmp_path / "u.tar"))
     await store.storage.clone("used", "sandboxa")
     with pytest.raises(Exception, match="in use"):
         await store.delete("used")
@@ -241,7 +247,7 @@ async def test_snapshot_of_a_sandbox_inherits_defaults(
     any_store: TemplateStore, tmp_path: Path
 ) -> None:
     store = any_store
-    await store.import_tar("parent", make_rootfs_tar(tmp_path / "p.tar"))
+    await store.import_tar("parent", await rootfs_tar(tmp_path / "p.tar"))
     root = await store.storage.clone("parent", "sandboxa")
     await asyncio.to_thread((root / "home" / "user" / "state").write_text, "kept\n")
     info = await store.snapshot_sandbox("sandboxa", "child", "parent")
@@ -278,7 +284,7 @@ async def test_leftovers_of_a_killed_process_are_removed(
     store: TemplateStore, tmp_path: Path
 ) -> None:
     """A builder killed with -9 leaves its work dir and perhaps files without metadata."""
-    await store.import_tar("keep", make_rootfs_tar(tmp_path / "k.tar"))
+    await store.import_tar("keep", await rootfs_tar(tmp_path / "k.tar"))
     dead = 2**22 + 1  # above pid_max: no such process
     work = store.data_dir / "build" / f"{dead}-half"
     await asyncio.to_thread((work / "rootfs" / "etc").mkdir, parents=True)
@@ -295,7 +301,7 @@ async def test_leftovers_of_a_killed_process_are_removed(
     assert await fresh.storage.list_templates() == ["keep", "managers-snapshot"]
     assert not await asyncio.to_thread(work.exists)
     with pytest.raises(TemplateError, match="already used"):
-        await fresh.import_tar("managers-snapshot", make_rootfs_tar(tmp_path / "k2.tar"))
+        await fresh.import_tar("managers-snapshot", await rootfs_tar(tmp_path / "k2.tar"))
     assert await fresh.storage.list_templates() == ["keep", "managers-snapshot"]
 
 
@@ -395,7 +401,7 @@ async def test_built_code_interpreter_imports_its_packages(
 
 async def test_metadata_without_files_on_this_backend(store: TemplateStore, tmp_path: Path) -> None:
     """Same data dir, another storage (e.g. switched from overlay to zfs): not usable."""
-    await store.import_tar("mine", make_rootfs_tar(tmp_path / "m.tar"))
+    await store.import_tar("mine", await rootfs_tar(tmp_path / "m.tar"))
     other = TemplateStore(store.data_dir, OverlayStorage(tmp_path / "other-overlay"))
     assert await other.list() == []
     with pytest.raises(TemplateError, match="no files in overlay storage"):
