@@ -96,7 +96,7 @@ async def test_create_answers_what_the_sdks_need(api: Api) -> None:
     assert body["clientID"] == "6532622b"
     assert body["envdVersion"] == "0.6.13"
     assert body["domain"] == DOMAIN
-    assert "envdAccessToken" not in body
+    assert len(body["envdAccessToken"]) >= 32  # v2: every sandbox is secured
     record = await api.manager.get(body["sandboxID"])
     assert record.metadata == {"k": "v"}
     assert record.env_vars == {"A": "1"}
@@ -111,8 +111,11 @@ async def test_seed_curl_create_on_v1_path_with_alias(api: Api) -> None:
     assert body["alias"] == "default"
 
 
-async def test_secure_create_returns_a_token(api: Api) -> None:
-    body = await api.create(secure=True)
+async def test_v1_create_is_secured_on_request_only(api: Api) -> None:
+    plain = await api.call("POST", "/sandboxes", json={"templateID": "base"})
+    assert "envdAccessToken" not in await plain.json()
+    response = await api.call("POST", "/sandboxes", json={"templateID": "base", "secure": True})
+    body = await response.json()
     assert len(body["envdAccessToken"]) >= 32
     detail = await (await api.call("GET", f"/sandboxes/{body['sandboxID']}")).json()
     assert detail["envdAccessToken"] == body["envdAccessToken"]

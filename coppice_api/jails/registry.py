@@ -360,7 +360,7 @@ class Registry:
             where.append("(template = ? OR alias = ?)")
             params.extend((query.template, query.template))
         if query.started_after is not None:
-            where.append("started_at > ?")
+            where.append("started_at >= ?")
             params.append(query.started_after)
         if query.next_token is not None:
             started, key = _decode_token(query.next_token)

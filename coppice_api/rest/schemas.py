@@ -104,7 +104,9 @@ def _string_map(
     return cast(dict[str, str], value)
 
 
-def create_spec(body: Mapping[str, Any]) -> CreateSpec:
+def create_spec(body: Mapping[str, Any], *, always_secure: bool) -> CreateSpec:
+    """The create request; `always_secure` for the v2 API, where every sandbox is secured
+    (gets an envd access token) and `secure` is ignored, as upstream."""
     template = optional_str(body, "templateID")
     if not template:
         raise BadRequest("Error when parsing request: templateID: is required")
@@ -121,7 +123,7 @@ def create_spec(body: Mapping[str, Any]) -> CreateSpec:
         timeout=DEFAULT_TIMEOUT_SECONDS if timeout is None else timeout,
         metadata=metadata,
         env_vars=env_vars,
-        secure=bool(optional_bool(body, "secure")),
+        secure=bool(optional_bool(body, "secure")) or always_secure,
         auto_pause=bool(optional_bool(body, "autoPause")),
         allow_internet_access=optional_bool(body, "allow_internet_access"),
     )
