@@ -209,3 +209,31 @@ async def test_unfinished_template_work_is_dropped(storage: Storage, template: s
             "zfs", "list", half, stderr=asyncio.subprocess.DEVNULL
         )
         assert await proc.wait() != 0
+
+
+async def test_destroy_while_another_mount_namespace_holds_a_copy(
+    storage: Storage, template: str
+) -> None:
+    """A mount namespace made while a sandbox root is mounted (any jail started meanwhile,
+    unless it detaches the host's mounts) keeps a copy of that mount. overlay: the host-side
+    destroy still works. zfs-fuse: the dataset stays busy until that namespace is gone, and the
+    error names the holder."""
+    await storage.clone(template, "sandboxa")
+    holder = await asyncio.create_subprocess_exec(
+        "unshare", "-m", "--propagation", "private", "sleep", "600"
+    )
+    try:
+        # unshare execs sleep only after it made the namespace (and so copied the mounts).
+        comm = Path(f"/proc/{holder.pid}/comm")
+        while (await asyncio.to_thread(comm.read_text)).strip() != "sleep":  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        if isinstance(storage, ZfsStorage):
+            with pytest.raises(StorageError, match=f"mount namespaces of pids {holder.pid}"):
+                await storage.destroy("sandboxa")
+        else:
+            await storage.destroy("sandboxa")
+    finally:
+        holder.kill()
+        await holder.wait()
+    await storage.destroy("sandboxa")
+    assert await storage.list_sandboxes() == []

@@ -137,7 +137,23 @@ class ZfsStorage(Storage):
                 raise StorageError(
                     f"{dataset} is in use by: {', '.join(dependents) or e.stderr.strip()}"
                 ) from e
+            if _busy(e):
+                holders = await self._mount_holders(dataset)
+                if holders:
+                    raise StorageError(
+                        f"{dataset} stays busy: it is still mounted in the mount namespaces of "
+                        f"pids {', '.join(map(str, holders))} (namespaces made while it was "
+                        "mounted keep a copy of the mount)"
+                    ) from e
             raise
+
+    async def _mount_holders(self, dataset: str) -> list[int]:
+        """Pids (one per mount namespace) whose namespace still has the dataset mounted."""
+        try:
+            mountpoint = str(await self._mountpoint(dataset))
+        except StorageError:
+            return []
+        return await asyncio.to_thread(_namespaces_mounting, mountpoint)
 
     async def _drop_unfinished_templates(self) -> None:
         out = await self._zfs(
@@ -296,3 +312,24 @@ class ZfsStorage(Storage):
     async def list_sandboxes(self) -> list[str]:
         await self._ensure_ready()
         return await self._children(self._sandboxes)
+
+
+def _namespaces_mounting(mountpoint: str) -> list[int]:
+    """One pid per mount namespace (other than ours) in which `mountpoint` is mounted."""
+    own = os.readlink("/proc/self/ns/mnt")
+    seen = {own}
+    holders = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            namespace = os.readlink(f"/proc/{entry.name}/ns/mnt")
+            if namespace in seen:
+                continue
+            seen.add(namespace)
+            with open(f"/proc/{entry.name}/mountinfo") as f:
+                if any(line.split()[4] == mountpoint for line in f):
+                    holders.append(int(entry.name))
+        except OSError:
+            continue
+    return holders
