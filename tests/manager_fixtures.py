@@ -1,6 +1,6 @@
-"""In-memory fakes of Storage, Runtime and the template catalog, to test the manager and the REST
-app without real jails. Each fake can be told to fail at one step, leaving a half-made leftover
-behind the way a real backend would, so rollback can be checked."""
+"""In-memory fakes of Storage and Runtime (under the real registry and template store), to test
+the manager and the REST app without real jails. Each fake can be told to fail at one step,
+leaving a half-made leftover behind the way a real backend would, so rollback can be checked."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from coppice_api.jails.manager import SandboxManager, TemplateInfo
+from coppice_api.jails.manager import SandboxManager
 from coppice_api.jails.registry import Registry
 from coppice_api.jails.runtime.base import ExecSpec, Jail, JailProcess, JailStats, Limits, Runtime
 from coppice_api.jails.storage.base import Storage, StorageError
+from coppice_api.jails.templates import TemplateInfo, TemplateStore
+
+TEMPLATES = ("base", "code-interpreter-v1")
 
 
 class BackendFailure(Exception):
@@ -146,39 +149,31 @@ class FakeRuntime(Runtime):
         self.jails.clear()
 
 
-class FakeTemplates:
-    def __init__(self, storage: FakeStorage) -> None:
-        self.storage = storage
-        self.infos = {
-            "base": TemplateInfo(name="base", aliases=("default",), env={"LANG": "C.UTF-8"}),
-            "code-interpreter-v1": TemplateInfo(name="code-interpreter-v1"),
-        }
-
-    async def lookup(self, name: str) -> TemplateInfo | None:
-        for info in self.infos.values():
-            if name == info.name or name in info.aliases:
-                return info
-        return None
-
-    async def all(self) -> list[TemplateInfo]:
-        return sorted(self.infos.values(), key=lambda t: t.name)
-
-    async def delete(self, name: str) -> None:
-        await self.storage.delete_template(name)
-        del self.infos[name]
-
-
 class Backends:
     def __init__(self, base: Path) -> None:
         self.base = base
-        self.storage = FakeStorage(base, ["base", "code-interpreter-v1"])
+        self.storage = FakeStorage(base, list(TEMPLATES))
         self.runtime = FakeRuntime()
-        self.templates = FakeTemplates(self.storage)
+        self.data_dir = base / "data"
+        # The real template store, on the fake storage, with the metadata of two templates.
+        (self.data_dir / "templates").mkdir(parents=True)
+        for name in TEMPLATES:
+            info = TemplateInfo(
+                name=name,
+                backend="fake",
+                created="2026-01-02T03:04:05+00:00",
+                size_bytes=1024,
+                user="user",
+                workdir="/home/user",
+                env={"LANG": "C.UTF-8"},
+            )
+            (self.data_dir / "templates" / f"{name}.json").write_text(info.to_json())
+        self.templates = TemplateStore(self.data_dir, self.storage)
 
     @asynccontextmanager
     async def manager(self, **options: object) -> AsyncIterator[SandboxManager]:
         """A started manager on a registry in `base`, closed (sandboxes left alive) after."""
-        registry = await Registry.open(self.base / "data")
+        registry = await Registry.open(self.data_dir)
         manager = SandboxManager(
             registry,
             self.storage,

@@ -83,7 +83,7 @@ async def test_python_sdk_create_info_timeout_kill(service: Service) -> None:
 
 
 async def test_python_sdk_unknown_template_is_a_clear_error(service: Service) -> None:
-    with pytest.raises(SandboxException, match="available templates: base"):
+    with pytest.raises(SandboxException, match="available: base"):
         await sdk(Sandbox.create, "no-such-template")
 
 

@@ -153,7 +153,7 @@ async def test_chunked_request_body_works(api: Api) -> None:
         (b'{"templateID": "base", "envVars": {"A": null}}', 400, "envVars.A"),
         (b'{"templateID": "base", "envVars": {"A=B": "x"}}', 400, "envVars"),
         (b'{"templateID": "base", "secure": "yes"}', 400, "secure"),
-        (b'{"templateID": "nope"}', 404, "available templates: base, code-interpreter-v1"),
+        (b'{"templateID": "nope"}', 404, "available: base, code-interpreter-v1, default"),
     ],
 )
 async def test_bad_create_input_is_4xx_json_and_leaves_nothing(
@@ -326,8 +326,13 @@ async def test_snapshots_and_templates(api: Api) -> None:
     assert page.headers.get("X-Next-Token")
 
     templates = await (await api.call("GET", "/templates")).json()
-    assert [t["templateID"] for t in templates] == ["base", "code-interpreter-v1"]
-    assert templates[0]["aliases"] == ["default"]
+    assert {t["templateID"] for t in templates} == {
+        "base",
+        "code-interpreter-v1",
+        snapshot["snapshotID"],
+        unnamed["snapshotID"],
+    }
+    assert next(t for t in templates if t["templateID"] == "base")["aliases"] == ["default"]
     detail = await (await api.call("GET", "/templates/default")).json()
     assert detail["templateID"] == "base"
     assert detail["builds"][0]["status"] == "ready"

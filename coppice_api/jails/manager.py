@@ -8,6 +8,7 @@ when a later step fails. A reaper task ends each sandbox at its end time.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import math
@@ -16,7 +17,7 @@ import re
 import secrets
 import string
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -32,7 +33,8 @@ from coppice_api.jails.registry import (
     SnapshotRecord,
 )
 from coppice_api.jails.runtime.base import Jail, Limits, Runtime
-from coppice_api.jails.storage.base import Storage
+from coppice_api.jails.storage.base import Storage, StorageError
+from coppice_api.jails.templates import ALIASES, TemplateError, TemplateInfo, UnknownTemplate
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +65,7 @@ class NotFound(SandboxError):
 
 
 class TemplateNotFound(NotFound):
-    def __init__(self, name: str, available: Sequence[str]) -> None:
-        self.available = tuple(available)
-        listed = ", ".join(self.available) or "none"
-        super().__init__(f"Template '{name}' not found; available templates: {listed}")
+    """An unknown template; the message names the available ones."""
 
 
 class Conflict(SandboxError):
@@ -82,29 +81,24 @@ class OperationFailed(SandboxError):
 
 
 # Templates ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TemplateInfo:
-    """A template as the manager needs it: name, aliases and the defaults for its processes."""
-
-    name: str
-    aliases: tuple[str, ...] = ()
-    size_bytes: int = 0
-    created_at: float = 0.0
-    default_user: str = "user"
-    default_workdir: str | None = "/home/user"
-    env: Mapping[str, str] = field(default_factory=dict)
-
-
 class TemplateCatalog(Protocol):
-    """The built templates (the composition root adapts the template store to this)."""
+    """What the manager uses of the template store (`templates.TemplateStore`)."""
 
-    async def lookup(self, name: str) -> TemplateInfo | None:
-        """The template with this name or alias, or None."""
+    def resolve(self, name: str) -> str: ...
+
+    async def get(self, name: str) -> TemplateInfo:
+        """Aliases resolved; UnknownTemplate (naming the available ones) if there is none."""
         ...
 
-    async def all(self) -> list[TemplateInfo]: ...
+    async def list(self) -> builtins.list[TemplateInfo]: ...
 
     async def delete(self, name: str) -> None: ...
+
+    async def snapshot_sandbox(self, sandbox_id: str, name: str, parent: str) -> TemplateInfo: ...
+
+
+def template_aliases(name: str) -> builtins.list[str]:
+    return sorted(alias for alias, target in ALIASES.items() if target == name)
 
 
 # What the manager returns -------------------------------------------------------------------
@@ -223,48 +217,37 @@ class SandboxManager:
         return self._locks.setdefault(sandbox_id, asyncio.Lock())
 
     # Templates -------------------------------------------------------------------------------
-    async def _resolve_template(self, name: str) -> tuple[str, TemplateInfo]:
-        """(storage template name, template info) for a template name, alias or snapshot."""
+    async def _resolve_template(self, name: str) -> TemplateInfo:
+        """The template for a template name, alias, or snapshot id or name."""
         snapshot = await self.registry.find_snapshot(name)
-        if snapshot is not None:
-            base = await self.templates.lookup(snapshot.source_template)
-            defaults = base or TemplateInfo(name=snapshot.source_template)
-            return snapshot.snapshot_id, replace(defaults, name=snapshot.snapshot_id, aliases=())
-        found = await self.templates.lookup(name)
-        if found is None:
-            names = [t.name for t in await self.templates.all()]
-            snapshots = await self.registry.list_snapshots(limit=100)
-            names += [s.snapshot_id for s in snapshots.items]
-            raise TemplateNotFound(name, sorted(names))
-        return found.name, found
+        try:
+            return await self.templates.get(snapshot.snapshot_id if snapshot else name)
+        except UnknownTemplate as e:
+            raise TemplateNotFound(str(e)) from e
 
-    async def list_templates(self) -> list[TemplateInfo]:
-        return await self.templates.all()
+    async def list_templates(self) -> builtins.list[TemplateInfo]:
+        """Built, imported and snapshot templates (not the internal ones of forks)."""
+        return [t for t in await self.templates.list() if not t.name.startswith(FORK_PREFIX)]
 
     async def get_template(self, name: str) -> TemplateInfo:
-        _, info = await self._resolve_template(name)
-        return info
+        return await self._resolve_template(name)
 
     async def delete_template(self, name: str) -> None:
         """Delete a snapshot (by id or name) or a built template, unless a sandbox uses it."""
         snapshot = await self.registry.find_snapshot(name)
-        target = snapshot.snapshot_id if snapshot is not None else None
-        if target is None:
-            info = await self.templates.lookup(name)
-            if info is None:
-                raise NotFound(f"Template '{name}' not found")
-            target = info.name
+        if snapshot is None and name in ALIASES:
+            raise Conflict(f"'{name}' is an alias of '{ALIASES[name]}'; delete that instead")
+        target = (await self._resolve_template(name)).name
         users = await self.registry.count_using_template(target)
         if users:
             raise Conflict(f"Template '{name}' is used by {users} sandbox(es); kill them first")
         try:
-            if snapshot is not None:
-                await self.storage.delete_template(snapshot.snapshot_id)
-                await self.registry.delete_snapshot(snapshot.snapshot_id)
-            else:
-                await self.templates.delete(target)
-        except Exception as e:
-            raise OperationFailed(f"Deleting template '{name}' failed: {e}") from e
+            await self.templates.delete(target)
+        except (TemplateError, StorageError) as e:
+            # e.g. a snapshot's clones (zfs) still depend on it
+            raise Conflict(f"Template '{name}' cannot be deleted: {e}") from e
+        if snapshot is not None:
+            await self.registry.delete_snapshot(snapshot.snapshot_id)
 
     # Create ----------------------------------------------------------------------------------
     def _check_timeout(self, seconds: int) -> None:
@@ -276,9 +259,9 @@ class SandboxManager:
 
     async def create(self, spec: CreateSpec) -> SandboxRecord:
         self._check_timeout(spec.timeout)
-        storage_template, info = await self._resolve_template(spec.template)
-        alias = spec.template if spec.template != storage_template else None
-        return await self._create_from(storage_template, info, alias, spec)
+        info = await self._resolve_template(spec.template)
+        alias = spec.template if spec.template != info.name else None
+        return await self._create_from(info, alias, spec)
 
     def sandbox_size(self) -> tuple[int, int]:
         """(cpu count, memory MiB) every sandbox gets under the configured limits."""
@@ -293,8 +276,9 @@ class SandboxManager:
         return cpus, memory // MIB
 
     async def _create_from(
-        self, storage_template: str, info: TemplateInfo, alias: str | None, spec: CreateSpec
+        self, info: TemplateInfo, alias: str | None, spec: CreateSpec
     ) -> SandboxRecord:
+        storage_template = info.name
         sandbox_id = new_id()
         undo = _Undo()
         try:
@@ -489,21 +473,18 @@ class SandboxManager:
         )
 
     async def _template_of(self, record: SandboxRecord) -> TemplateInfo:
-        with contextlib.suppress(TemplateNotFound):
-            return (await self._resolve_template(record.template))[1]
-        return TemplateInfo(name=record.template)
+        """The sandbox's template (for its process defaults); it cannot be deleted while used."""
+        return await self._resolve_template(record.template)
 
     # Snapshots and forks ---------------------------------------------------------------------
-    async def _snapshot_storage(self, record: SandboxRecord, template: str) -> None:
-        """Copy the sandbox's files into a new template, frozen meanwhile for consistency."""
-        jail = await self._jail_of(record) if record.state == "running" else None
-        if jail is not None:
-            await jail.freeze()
+    async def _template_exists(self, name: str) -> bool:
+        if await self.registry.find_snapshot(name) is not None:
+            return True
         try:
-            await self.storage.snapshot(record.id, template)
-        finally:
-            if jail is not None:
-                await jail.thaw()
+            await self.templates.get(name)
+        except UnknownTemplate:
+            return False
+        return True
 
     async def snapshot(self, sandbox_id: str, name: str | None = None) -> SnapshotRecord:
         if name is not None:
@@ -511,37 +492,42 @@ class SandboxManager:
                 raise InvalidArgument(
                     "name: use 1-128 of [A-Za-z0-9._:/-], starting with a letter or digit"
                 )
-            if await self.registry.find_snapshot(name) or await self.templates.lookup(name):
+            if await self._template_exists(name):
                 raise Conflict(f"A template or snapshot named '{name}' already exists")
         async with self._lock(sandbox_id):
-            record = await self.get(sandbox_id)
-            snapshot = SnapshotRecord(
-                snapshot_id=new_id(SNAPSHOT_PREFIX),
-                names=(name,) if name else (),
-                source_sandbox=sandbox_id,
-                source_template=await self._base_template(record),
-                created_at=self._clock(),
-            )
-            await self._make_snapshot(record, snapshot)
+            snapshot = await self._make_snapshot(await self.get(sandbox_id), SNAPSHOT_PREFIX, name)
         await self._event(sandbox_id, "info", "snapshot created", snapshot=snapshot.snapshot_id)
         return snapshot
 
-    async def _base_template(self, record: SandboxRecord) -> str:
-        """The built template a sandbox ultimately derives from (for its process defaults)."""
-        snapshot = await self.registry.find_snapshot(record.template)
-        return snapshot.source_template if snapshot is not None else record.template
-
-    async def _make_snapshot(self, record: SandboxRecord, snapshot: SnapshotRecord) -> None:
+    async def _make_snapshot(
+        self, record: SandboxRecord, prefix: str, name: str | None
+    ) -> SnapshotRecord:
+        """A new template from the sandbox's files (frozen meanwhile, for consistency), and its
+        snapshot record; on failure, neither is left."""
+        snapshot = SnapshotRecord(
+            snapshot_id=new_id(prefix),
+            names=(name,) if name else (),
+            source_sandbox=record.id,
+            source_template=record.template,
+            created_at=self._clock(),
+        )
+        jail = await self._jail_of(record) if record.state == "running" else None
         undo = _Undo()
         try:
-            undo.push("delete template", lambda: self.storage.delete_template(snapshot.snapshot_id))
-            await self._snapshot_storage(record, snapshot.snapshot_id)
+            if jail is not None:
+                await jail.freeze()
+                undo.push("thaw", jail.thaw)
+            await self.templates.snapshot_sandbox(record.id, snapshot.snapshot_id, record.template)
+            undo.push("delete template", lambda: self.templates.delete(snapshot.snapshot_id))
+            if jail is not None:
+                await jail.thaw()
             await self.registry.insert_snapshot(snapshot)
         except BaseException as e:
             await asyncio.shield(undo.run())
             if isinstance(e, Exception) and not isinstance(e, SandboxError):
                 raise OperationFailed(f"Snapshot of sandbox {record.id} failed: {e}") from e
             raise
+        return snapshot
 
     async def list_snapshots(
         self,
@@ -567,15 +553,8 @@ class SandboxManager:
         self._check_timeout(timeout_seconds)
         async with self._lock(sandbox_id):
             parent = await self.get(sandbox_id)
-            template = SnapshotRecord(
-                snapshot_id=new_id(FORK_PREFIX),
-                names=(),
-                source_sandbox=sandbox_id,
-                source_template=await self._base_template(parent),
-                created_at=self._clock(),
-            )
-            await self._make_snapshot(parent, template)
-        info = await self._template_of(replace(parent, template=template.snapshot_id))
+            template = await self._make_snapshot(parent, FORK_PREFIX, None)
+        info = await self._resolve_template(template.snapshot_id)
         spec = CreateSpec(
             template=template.snapshot_id,
             timeout=timeout_seconds,
@@ -589,7 +568,7 @@ class SandboxManager:
         results: list[SandboxRecord | SandboxError] = []
         for _ in range(count):
             try:
-                results.append(await self._create_from(template.snapshot_id, info, alias, spec))
+                results.append(await self._create_from(info, alias, spec))
             except SandboxError as e:
                 results.append(e)
         await self._event(sandbox_id, "info", "sandbox forked", count=str(count))
@@ -603,7 +582,7 @@ class SandboxManager:
         if await self.registry.count_using_template(template):
             return
         try:
-            await self.storage.delete_template(template)
+            await self.templates.delete(template)
             await self.registry.delete_snapshot(template)
         except Exception:
             log.exception("could not delete unused fork template %s", template)

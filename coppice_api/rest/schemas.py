@@ -17,7 +17,7 @@ from coppice_api.jails.manager import (
     DEFAULT_TIMEOUT_SECONDS,
     CreateSpec,
     Metrics,
-    TemplateInfo,
+    template_aliases,
 )
 from coppice_api.jails.registry import (
     EventRecord,
@@ -27,6 +27,7 @@ from coppice_api.jails.registry import (
     SandboxState,
     SnapshotRecord,
 )
+from coppice_api.jails.templates import TemplateInfo
 from coppice_api.rest.errors import BadRequest
 
 # The envd version whose behaviour the gateway implements; ≥ 0.6.4 opens every SDK feature gate.
@@ -302,7 +303,8 @@ def logs_v1_json(events: Sequence[EventRecord]) -> dict[str, Any]:
 def template_json(
     info: TemplateInfo, cpu_count: int, memory_mb: int, disk_size_mb: int
 ) -> dict[str, Any]:
-    created = rfc3339(info.created_at)
+    created = rfc3339(datetime.fromisoformat(info.created).timestamp())
+    aliases = template_aliases(info.name)
     return {
         "templateID": info.name,
         # Templates are built once and not versioned: one stable build id per template name.
@@ -311,8 +313,8 @@ def template_json(
         "memoryMB": memory_mb,
         "diskSizeMB": disk_size_mb,
         "public": False,
-        "aliases": list(info.aliases),
-        "names": [info.name, *info.aliases],
+        "aliases": aliases,
+        "names": [info.name, *aliases],
         "createdAt": created,
         "updatedAt": created,
         "createdBy": None,

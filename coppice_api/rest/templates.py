@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from coppice_api.jails.manager import SandboxManager, TemplateInfo
+from coppice_api.jails.manager import SandboxManager
+from coppice_api.jails.templates import TemplateInfo
 from coppice_api.rest import schemas
 from coppice_api.rest.context import context
 from coppice_api.rest.errors import BadRequest
