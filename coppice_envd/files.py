@@ -356,21 +356,29 @@ async def _write_file(
         pending = await asyncio.to_thread(fsops.begin_upload, files.root, path, files.user)
     except OSError as e:
         raise _os_failure(e, path) from e
+    # One batch is written in a thread while the next one is received.
+    writing: asyncio.Future[None] | None = None
     try:
         batch = bytearray()
         async for chunk in data:
             batch += chunk
             if len(batch) >= CHUNK:
-                await asyncio.to_thread(pending.write, batch)
+                if writing is not None:
+                    await writing
+                writing = asyncio.ensure_future(asyncio.to_thread(pending.write, batch))
                 batch = bytearray()
+        if writing is not None:
+            await writing
         if batch:
             await asyncio.to_thread(pending.write, batch)
         await asyncio.to_thread(pending.commit, metadata)
-    except OSError as e:
+    except BaseException as e:
+        if writing is not None:
+            # Its error (if any) is this one or moot; abort() waits for its thread to finish.
+            writing.add_done_callback(lambda done: done.cancelled() or done.exception())
         await asyncio.to_thread(pending.abort)
-        raise _os_failure(e, path) from e
-    except BaseException:
-        await asyncio.to_thread(pending.abort)
+        if isinstance(e, OSError):
+            raise _os_failure(e, path) from e
         raise
     written = await asyncio.to_thread(_read_back_metadata, files.root, path)
     info: dict[str, Any] = {"path": path, "name": posixpath.basename(path), "type": "file"}

@@ -15,8 +15,9 @@ import re
 import secrets
 import shutil
 import stat
+import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from coppice_api.jails.confined import ConfinedRoot
 from coppice_api.jails.runtime.base import User
@@ -125,25 +126,34 @@ class PendingFile:
     name: str
     temp_name: str
     fd: int
+    # Calls may come from different threads; abort() must not close fds under a write.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view) :]
+        with self._lock:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view) :]
 
     def commit(self, metadata: Mapping[str, str]) -> None:
-        set_metadata(self.fd, metadata)
-        os.close(self.fd)
-        self.fd = -1
-        os.rename(self.temp_name, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
-        os.close(self.dir_fd)
+        with self._lock:
+            set_metadata(self.fd, metadata)
+            os.close(self.fd)
+            self.fd = -1
+            os.rename(self.temp_name, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+            os.close(self.dir_fd)
+            self.dir_fd = -1
 
     def abort(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-        with contextlib.suppress(OSError):
-            os.unlink(self.temp_name, dir_fd=self.dir_fd)
-        os.close(self.dir_fd)
+        with self._lock:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+            if self.dir_fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.temp_name, dir_fd=self.dir_fd)
+                os.close(self.dir_fd)
+                self.dir_fd = -1
 
 
 class TargetIsDirectory(OSError):
