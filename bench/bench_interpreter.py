@@ -213,7 +213,7 @@ async def main() -> None:
     template_root = args.template_root
     if template_root is None:
         sys.path.insert(0, str(REPO / "tests"))
-        from template_fixtures import built_template_root
+        from template_fixtures import built_template_root  # type: ignore[import-not-found]
 
         template_root = await asyncio.to_thread(built_template_root, "code-interpreter-v1")
 
@@ -225,7 +225,11 @@ async def main() -> None:
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         stop = asyncio.Event()
         app = build_gateway(bench.lookup, process=None, interpreter=bench.interpreter)
-        server = asyncio.create_task(serve_gateway(app, sockets=[sock], shutdown_trigger=stop.wait))
+
+        async def stopped() -> None:
+            await stop.wait()
+
+        server = asyncio.create_task(serve_gateway(app, sockets=[sock], shutdown_trigger=stopped))
         client = await Client.start(url)
         try:
             rows: list[tuple[str, list[float]]] = []

@@ -18,7 +18,7 @@ import json
 import logging
 import shlex
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -29,6 +29,7 @@ import zmq.asyncio
 from coppice_api.jails.confined import ConfinedRoot
 from coppice_api.jails.runtime.base import Jail, User
 from coppice_envd.auth import lookup_user, token_matches
+from coppice_envd.envd_http import Receive, Scope, Send
 from coppice_envd.kernels import (
     LANGUAGES,
     Kernel,
@@ -42,9 +43,6 @@ from coppice_envd.sandboxes import SandboxView
 
 log = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 KEEPALIVE_SECONDS = 5.0  # as upstream: silence longer than this gets a keepalive line
 INTERRUPT_GRACE = 5.0  # an interrupted execution that has not ended by then loses its kernel
@@ -334,8 +332,14 @@ def _error_fields(content: Mapping[str, Any]) -> tuple[str, str, str]:
 class SandboxContexts:
     """The contexts of one sandbox, in creation order, and its default context per language."""
 
-    def __init__(self, view: SandboxView, zmq_context: zmq.asyncio.Context) -> None:
+    def __init__(
+        self,
+        view: SandboxView,
+        zmq_context: zmq.asyncio.Context,
+        on_jail_gone: Callable[[SandboxContexts], None],
+    ) -> None:
         self.view = view
+        self._on_jail_gone = on_jail_gone
         self.jail: Jail = view.jail
         self._zmq = zmq_context
         self.contexts: dict[str, Context] = {}
@@ -368,7 +372,7 @@ class SandboxContexts:
             "E2B_SANDBOX_ID": self.view.sandbox_id,
             **self.view.env_vars,
         }
-        return await Kernel.start(
+        kernel = await Kernel.start(
             self.jail,
             kernel_id=context.id,
             language=_kernel_language(context.language),
@@ -377,6 +381,13 @@ class SandboxContexts:
             env=env,
             zmq_context=self._zmq,
         )
+        kernel.on_exit = self._kernel_exited
+        return kernel
+
+    def _kernel_exited(self, kernel: Kernel) -> None:
+        # A kernel also ends with its sandbox (killed without `sandbox_stopped`): forget it then.
+        if not self.jail.is_alive():
+            self._on_jail_gone(self)
 
     async def default_cwd(self) -> str:
         return self.view.default_workdir or (await self.user()).home
@@ -511,9 +522,18 @@ class Interpreter:
 
     # -- lifecycle hooks
 
-    async def sandbox_started(self, view: SandboxView) -> None:
-        """Start the sandbox's default python kernel in the background, if it can have one."""
-        await self._contexts_of(view)
+    async def sandbox_started(self, view: SandboxView, *, wait: bool = False) -> None:
+        """Start the sandbox's default python kernel (in the background unless `wait`).
+
+        Without a python kernel in the sandbox this only logs; requests then answer 500.
+        """
+        try:
+            contexts = await self._contexts_of(view)
+        except HTTPError as err:
+            log.info("no python kernel for %s: %s", view.sandbox_id, err.text)
+            return
+        if wait:
+            await self._warm_up(contexts)
 
     async def sandbox_stopped(self, sandbox_id: str) -> None:
         """Stop the sandbox's kernels and forget its contexts."""
@@ -524,6 +544,11 @@ class Interpreter:
     async def close(self) -> None:
         for sandbox_id in list(self._sandboxes):
             await self.sandbox_stopped(sandbox_id)
+        loop = asyncio.get_running_loop()
+        leftovers = [t for t in _background_tasks if t.get_loop() is loop]
+        for task in leftovers:
+            task.cancel()
+        await asyncio.gather(*leftovers, return_exceptions=True)
         self._zmq.destroy(linger=0)
 
     async def _contexts_of(self, view: SandboxView) -> SandboxContexts:
@@ -532,7 +557,7 @@ class Interpreter:
         if contexts is None or contexts.jail is not view.jail:
             if contexts is not None:  # the sandbox now runs in a new jail: its kernels are gone
                 _background(contexts.close())
-            contexts = SandboxContexts(view, self._zmq)
+            contexts = SandboxContexts(view, self._zmq, self._jail_gone)
             self._sandboxes[view.sandbox_id] = contexts
             _background(self._warm_up(contexts))
         try:
@@ -540,6 +565,11 @@ class Interpreter:
         except KernelStartError as err:  # e.g. no such default user
             raise HTTPError(500, str(err)) from None
         return contexts
+
+    def _jail_gone(self, contexts: SandboxContexts) -> None:
+        if self._sandboxes.get(contexts.view.sandbox_id) is contexts:
+            del self._sandboxes[contexts.view.sandbox_id]
+            _background(contexts.close())
 
     async def _warm_up(self, contexts: SandboxContexts) -> None:
         try:

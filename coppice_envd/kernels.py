@@ -19,7 +19,7 @@ import os
 import secrets
 import signal
 import socket
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 KERNEL_DIR = "/run/coppice"  # in the sandbox: connection files and the bash kernel's source
 READY_TIMEOUT = 60.0  # a cold kernel in a jail on a busy machine takes seconds, not minutes
 SHUTDOWN_GRACE = 1.0  # after a shutdown_request, before SIGKILL
+_LAST_WORDS_SECONDS = 0.05
 _OUTPUT_TAIL = 4096  # bytes of the kernel's own stdout/stderr kept to explain a failed start
 _BASH_KERNEL_FILE = "bash_kernel.py"
 
@@ -247,7 +248,8 @@ class Kernel:
         self._ended = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._outputs: list[_OutputTail] = []
-        self._closed = False
+        self._releasing: asyncio.Task[None] | None = None
+        self.on_exit: Callable[[Kernel], None] | None = None  # called once the process ended
 
     @classmethod
     async def start(
@@ -328,10 +330,15 @@ class Kernel:
     async def _wait_exit(self) -> None:
         try:
             self.exit_status = await self.process.wait()
+            # Let what the kernel sent just before it died reach its requests first.
+            await asyncio.sleep(_LAST_WORDS_SECONDS)
         finally:
             self._ended.set()
             for run in self._runs.values():
                 run.deliver(None)
+        if self.on_exit is not None:
+            self.on_exit(self)
+        await self._release()
 
     @property
     def alive(self) -> bool:
@@ -410,9 +417,15 @@ class Kernel:
                 await self.process.signal(signal.SIGKILL)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._ended.wait(), 5.0)
-        if self._closed:
-            return
-        self._closed = True
+        await self._release()
+
+    async def _release(self) -> None:
+        """Close the client and remove the connection file (once; every caller waits for it)."""
+        if self._releasing is None:
+            self._releasing = asyncio.create_task(self._close())
+        await asyncio.shield(self._releasing)
+
+    async def _close(self) -> None:
         for task in self._tasks:
             if not task.done():
                 task.cancel()
