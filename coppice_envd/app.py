@@ -34,7 +34,7 @@ from protobuf.wkt.google.protobuf import timestamp_pb
 
 from coppice_envd import envd_http, files
 from coppice_envd.auth import UNAUTHORIZED_MESSAGE, basic_auth_user, passes_token_gate
-from coppice_envd.codecs import GATEWAY_CODECS
+from coppice_envd.codecs import GATEWAY_CODECS, GATEWAY_COMPRESSIONS
 from coppice_envd.envd_http import (
     ASGIApp,
     HTTPRequest,
@@ -303,9 +303,13 @@ def build_gateway(
         process if process is not None else _NoProcessService(),
         read_max_bytes=RPC_READ_MAX_BYTES,
         codecs=GATEWAY_CODECS,
+        compressions=GATEWAY_COMPRESSIONS,
     )
     filesystem_app = filesystem_connect.FilesystemASGIApplication(
-        filesystem, read_max_bytes=RPC_READ_MAX_BYTES, codecs=GATEWAY_CODECS
+        filesystem,
+        read_max_bytes=RPC_READ_MAX_BYTES,
+        codecs=GATEWAY_CODECS,
+        compressions=GATEWAY_COMPRESSIONS,
     )
     reflection_v1 = ServerReflectionASGIApplication(ServerReflectionService(*reflection))
     reflection_alpha = ServerReflectionAlphaASGIApplication(

@@ -1,4 +1,5 @@
-"""The message codecs the gateway's Connect services speak: protobuf binary and proto3 JSON.
+"""The message codecs (protobuf binary, proto3 JSON) and compression of the gateway's Connect
+services.
 
 Like connect-go, undecodable input is `invalid_argument` (not an internal error), and JSON output
 is compact.
@@ -6,11 +7,15 @@ is compact.
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 from typing import TypeVar
 
 from connectrpc.code import Code
 from connectrpc.codec import Codec
+from connectrpc.compression import Compression
+from connectrpc.compression.gzip import GzipCompression
 from connectrpc.errors import ConnectError
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
@@ -61,3 +66,18 @@ class JSONCodec(Codec[Message, _M]):
 
 
 GATEWAY_CODECS: list[Codec[Message, Message]] = [BinaryCodec(), JSONCodec()]
+
+
+class GatewayGzip(GzipCompression):
+    """gzip whose corrupt input is the client's error (`invalid_argument`), not ours."""
+
+    def decompress(
+        self, data: bytes | bytearray | memoryview, read_max_bytes: int | None = None
+    ) -> bytes:
+        try:
+            return super().decompress(data, read_max_bytes)
+        except (zlib.error, EOFError, gzip.BadGzipFile) as e:
+            raise ConnectError(Code.INVALID_ARGUMENT, f"decompress: {e}") from e
+
+
+GATEWAY_COMPRESSIONS: list[Compression] = [GatewayGzip()]
