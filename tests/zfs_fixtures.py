@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from coppice_api.jails.storage.zfs import other_mount_namespace_pids
+
 ZFS_SOCKET = "/var/run/zfs/zfs_socket"
 POOL_FILE_SIZE = "4G"
 
@@ -111,13 +113,28 @@ def _destroy_pool(pool: str) -> None:
         for dataset in sorted(datasets.split(), key=len, reverse=True):
             with contextlib.suppress(RuntimeError):
                 _run("zfs", "unmount", dataset)
-    for _ in range(100):
+    for attempt in range(100):
+        if attempt == 5:
+            _detach_copies_elsewhere(pool)
         try:
             _run("zpool", "destroy", "-f", pool)
             return
         except RuntimeError:
             time.sleep(0.05)
     _run("zpool", "destroy", "-f", pool)
+
+
+def _detach_copies_elsewhere(pool: str) -> None:
+    """Mount namespaces made during the run (jails of concurrent tests) hold copies of the
+    pool's mounts, which keep it busy: detach them there (see ZfsStorage.destroy)."""
+    mountpoints = _run("zfs", "list", "-H", "-o", "mountpoint", "-r", pool).split()
+    for pid in other_mount_namespace_pids():
+        for mountpoint in sorted((m for m in mountpoints if m.startswith("/")), reverse=True):
+            subprocess.run(
+                ["nsenter", f"--mount=/proc/{pid}/ns/mnt", "umount", "-l", "--", mountpoint],
+                capture_output=True,
+                check=False,
+            )
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ templates or sandboxes made from it exist.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 
@@ -36,6 +37,7 @@ BUILDER_PROPERTY = "coppice:builder"
 # 50 ms after an unmount succeeds within one or two attempts (platform notes §5).
 BUSY_RETRY_SECONDS = 0.05
 BUSY_RETRY_ATTEMPTS = 100
+DETACH_COPIES_AFTER_ATTEMPTS = 5
 
 
 def _missing(error: CommandFailed) -> bool:
@@ -104,56 +106,53 @@ class ZfsStorage(Storage):
             await self._zfs("mount", dataset)
         return await self._mountpoint(dataset)
 
-    async def _retry_busy(self, dataset: str, *args: str) -> None:
-        """`zfs ARGS` on DATASET, unmounting it first and retrying while it is busy."""
+    async def _destroy_dataset(self, dataset: str) -> None:
+        """Destroy a dataset and its snapshots; a missing dataset is already destroyed.
+
+        zfs-fuse answers "busy" while the dataset is mounted anywhere: unmount and retry. A
+        mount namespace created while it was mounted (a jail that did not detach the host's
+        mounts) keeps a copy that nothing but that namespace's end releases; after a few
+        attempts, detach such copies of this dataset's mount in the other namespaces.
+        """
         for attempt in range(BUSY_RETRY_ATTEMPTS):
+            if attempt == DETACH_COPIES_AFTER_ATTEMPTS:
+                await self._detach_copies_elsewhere(dataset)
             try:
                 await self._zfs("unmount", dataset)
             except CommandFailed as e:
                 if _missing(e):
-                    raise
-                # "not currently mounted" and transient busy both mean: just try the command.
+                    return
+                # "not currently mounted" and transient busy both mean: just try to destroy.
             try:
-                await self._zfs(*args)
+                await self._zfs("destroy", "-r", dataset)
                 return
             except CommandFailed as e:
+                if _missing(e):
+                    return
+                if "dependent clones" in e.stderr:
+                    dependents = [
+                        line.strip()
+                        for line in e.stderr.splitlines()
+                        if line.strip().startswith(self.dataset + "/")
+                    ]
+                    raise StorageError(
+                        f"{dataset} is in use by: {', '.join(dependents) or e.stderr.strip()}"
+                    ) from e
                 if not _busy(e) or attempt == BUSY_RETRY_ATTEMPTS - 1:
                     raise
             await asyncio.sleep(BUSY_RETRY_SECONDS)
 
-    async def _destroy_dataset(self, dataset: str) -> None:
-        """Destroy a dataset and its snapshots; a missing dataset is already destroyed."""
-        try:
-            await self._retry_busy(dataset, "destroy", "-r", dataset)
-        except CommandFailed as e:
-            if _missing(e):
-                return
-            if "dependent clones" in e.stderr:
-                dependents = [
-                    line.strip()
-                    for line in e.stderr.splitlines()
-                    if line.strip().startswith(self.dataset + "/")
-                ]
-                raise StorageError(
-                    f"{dataset} is in use by: {', '.join(dependents) or e.stderr.strip()}"
-                ) from e
-            if _busy(e):
-                holders = await self._mount_holders(dataset)
-                if holders:
-                    raise StorageError(
-                        f"{dataset} stays busy: it is still mounted in the mount namespaces of "
-                        f"pids {', '.join(map(str, holders))} (namespaces made while it was "
-                        "mounted keep a copy of the mount)"
-                    ) from e
-            raise
-
-    async def _mount_holders(self, dataset: str) -> list[int]:
-        """Pids (one per mount namespace) whose namespace still has the dataset mounted."""
+    async def _detach_copies_elsewhere(self, dataset: str) -> None:
         try:
             mountpoint = str(await self._mountpoint(dataset))
         except StorageError:
-            return []
-        return await asyncio.to_thread(_namespaces_mounting, mountpoint)
+            return  # a snapshot, or mountpoint=none: no mount to hold it
+        for pid in await asyncio.to_thread(other_mount_namespace_pids):
+            # Not mounted there is the usual answer; any failure just leaves the retry to fail.
+            with contextlib.suppress(StorageError):
+                await run_command(
+                    "nsenter", f"--mount=/proc/{pid}/ns/mnt", "umount", "-l", "--", mountpoint
+                )
 
     async def _drop_unfinished_templates(self) -> None:
         out = await self._zfs(
@@ -314,22 +313,20 @@ class ZfsStorage(Storage):
         return await self._children(self._sandboxes)
 
 
-def _namespaces_mounting(mountpoint: str) -> list[int]:
-    """One pid per mount namespace (other than ours) in which `mountpoint` is mounted."""
-    own = os.readlink("/proc/self/ns/mnt")
-    seen = {own}
-    holders = []
+def other_mount_namespace_pids() -> list[int]:
+    """One pid for each mount namespace other than ours that we may enter (kernel threads and
+    processes whose namespace we cannot read are left alone)."""
+    seen = {os.readlink("/proc/self/ns/mnt")}
+    pids = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             namespace = os.readlink(f"/proc/{entry.name}/ns/mnt")
-            if namespace in seen:
-                continue
-            seen.add(namespace)
-            with open(f"/proc/{entry.name}/mountinfo") as f:
-                if any(line.split()[4] == mountpoint for line in f):
-                    holders.append(int(entry.name))
+            os.readlink(f"/proc/{entry.name}/exe")  # kernel threads have none
         except OSError:
             continue
-    return holders
+        if namespace not in seen:
+            seen.add(namespace)
+            pids.append(int(entry.name))
+    return pids
