@@ -264,9 +264,10 @@ class Context:
         sandbox_env = self.sandbox.view.env_vars
         if env_vars:
             await self._silently(kernel, _env_code(self.language, env_vars, []))
-        execution.kernel = kernel
         try:
-            await _stream(kernel, code, execution)
+            if not execution.abandoned:  # the client may leave while the variables are set
+                execution.kernel = kernel
+                await _stream(kernel, code, execution)
         finally:
             execution.kernel = None
             if env_vars and kernel.alive:
@@ -684,38 +685,49 @@ async def _wait_disconnect(receive: Receive) -> None:
 async def _stream_response(
     execution: _Execution, disconnect: asyncio.Task[None], send: Send
 ) -> None:
+    """Send the execution's lines as they come; what is already queued goes out in one chunk."""
     started = False
-    while True:
-        get = asyncio.ensure_future(execution.events.get())
-        timeout = KEEPALIVE_SECONDS if started else None
-        done, _ = await asyncio.wait(
-            {get, disconnect}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
-        if get not in done:
-            get.cancel()
-            if disconnect in done:
+    while not disconnect.done():
+        if execution.events.empty():
+            get = asyncio.ensure_future(execution.events.get())
+            done, _ = await asyncio.wait(
+                {get, disconnect},
+                timeout=KEEPALIVE_SECONDS if started else None,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if get not in done:
+                get.cancel()
+                if started and disconnect not in done:
+                    await _send_lines(send, [{"type": "keepalive"}])
+                continue
+            events = [get.result()]
+        else:
+            events = []
+        while not execution.events.empty():
+            events.append(execution.events.get_nowait())
+        lines: list[Mapping[str, Any]] = []
+        for kind, value in events:
+            if kind == "fail":  # only ever before "start"
+                await _send_error(send, value)
                 return
-            await _send_line(send, {"type": "keepalive"})
-            continue
-        kind, value = get.result()
-        if kind == "fail":
-            await _send_error(send, value)
-            return
-        if kind == "start":
-            await send({"type": "http.response.start", "status": 200, "headers": []})
-            started = True
-        elif kind == "line":
-            await _send_line(send, value)
-        elif kind == "end":
-            if not started:
-                await _send_error(send, HTTPError(500, "the execution did not start"))
+            if kind == "start":
+                await send({"type": "http.response.start", "status": 200, "headers": []})
+                started = True
+            elif kind == "line":
+                lines.append(value)
+            elif kind == "end":
+                if not started:
+                    await _send_error(send, HTTPError(500, "the execution did not start"))
+                    return
+                lines.append({"type": "end_of_execution"})
+                await _send_lines(send, lines, more=False)
                 return
-            await _send_line(send, {"type": "end_of_execution"}, more=False)
-            return
+        if lines:
+            await _send_lines(send, lines)
 
 
-async def _send_line(send: Send, item: Mapping[str, Any], *, more: bool = True) -> None:
-    body = (json.dumps(item) + "\n").encode()
+async def _send_lines(send: Send, items: list[Mapping[str, Any]], *, more: bool = True) -> None:
+    body = "".join(json.dumps(item) + "\n" for item in items).encode()
     await send({"type": "http.response.body", "body": body, "more_body": more})
 
 
