@@ -8,6 +8,7 @@ it in debug mode with `sandbox_url`, routed by the E2b-Sandbox-Id header it send
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import subprocess
 import time
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
 from e2b import (
     AsyncSandbox,
     CommandExitException,
@@ -25,6 +28,8 @@ from e2b import (
     TimeoutException,
 )
 from gateway_fixtures import StaticLookup, start_gateway
+from process import process_connect
+from process import process_pb2 as pb
 
 from coppice_api.jails.runtime.base import Limits
 from coppice_api.jails.runtime.linux import LinuxRuntime
@@ -185,6 +190,40 @@ def test_concurrent_runs_lose_nothing(gateway: RealSandbox) -> None:
         await asyncio.gather(*(one(i) for i in range(50)))
 
     asyncio.run(many())
+
+
+def test_generated_client_missing_command_tags_and_unknown_user(gateway: RealSandbox) -> None:
+    """The connectrpc client from gen/ (binary codec): what the SDK never sends."""
+    rpc = process_connect.ProcessClientSync(gateway.url)
+    events = [
+        r.event
+        for r in rpc.start(
+            pb.StartRequest(process=pb.ProcessConfig(cmd="no-such-command"), stdin=False)
+        )
+    ]
+    assert events[0].HasField("start")
+    stderr = b"".join(e.data.stderr for e in events if e.HasField("data"))
+    assert b"not found" in stderr
+    assert events[-1].end.exit_code == 127
+    tagged = rpc.start(
+        pb.StartRequest(process=pb.ProcessConfig(cmd="sleep", args=["60"]), tag="napper")
+    )
+    pid = next(tagged).event.start.pid
+    listed = {p.pid: p.tag for p in rpc.list(pb.ListRequest()).processes}
+    assert listed[pid] == "napper"
+    rpc.send_signal(
+        pb.SendSignalRequest(process=pb.ProcessSelector(tag="napper"), signal=pb.SIGNAL_SIGTERM)
+    )
+    assert [r.event for r in tagged][-1].end.status == "signal: terminated"
+    with pytest.raises(ConnectError) as caught:
+        list(
+            rpc.start(
+                pb.StartRequest(process=pb.ProcessConfig(cmd="true")),
+                headers={"Authorization": "Basic " + base64.b64encode(b"mallory:").decode()},
+            )
+        )
+    assert caught.value.code == Code.UNAUTHENTICATED
+    assert caught.value.message == "invalid username: 'mallory'"
 
 
 # -- async SDK -----------------------------------------------------------------------------------
