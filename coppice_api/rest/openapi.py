@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from coppice_api.jails.manager import MAX_TIMEOUT_SECONDS
 from coppice_api.rest.schemas import (
     ENVD_VERSION,
     MAX_ENV_VARS,
@@ -53,7 +54,8 @@ _SANDBOX_ID = {
     "name": "sandboxID",
     "in": "path",
     "required": True,
-    "schema": {"type": "string"},
+    # An id, or the legacy `<id>-<clientID>` form.
+    "schema": {"type": "string", "pattern": "^[a-z0-9]+(-[a-z0-9]*)?$"},
 }
 _TEMPLATE_ID = {
     "name": "templateID",
@@ -74,6 +76,7 @@ def _op(summary: str, responses: Schema, **extra: Any) -> Schema:
     return {"summary": summary, "responses": responses, **extra}
 
 
+_LIFETIME = {"type": "integer", "minimum": 1, "maximum": MAX_TIMEOUT_SECONDS}
 _STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
 _DATE = {"type": "string", "format": "date-time"}
 _NEXT_TOKEN = {
@@ -94,7 +97,7 @@ _SCHEMAS: Schema = {
         "required": ["templateID"],
         "properties": {
             "templateID": {"type": "string", "minLength": 1},
-            "timeout": {"type": "integer", "minimum": 1, "default": 300},
+            "timeout": _LIFETIME,
             "metadata": {**_STRING_MAP, "maxProperties": MAX_METADATA_ENTRIES},
             "envVars": {**_STRING_MAP, "maxProperties": MAX_ENV_VARS},
             "secure": {"type": "boolean"},
@@ -306,7 +309,7 @@ _CONNECT = _op(
         {
             "type": "object",
             "properties": {
-                "timeout": {"type": "integer", "minimum": 1},
+                "timeout": _LIFETIME,
                 "memory": {"type": "boolean"},
             },
         },
@@ -444,7 +447,7 @@ _PATHS: Schema = {
                 {
                     "type": "object",
                     "properties": {
-                        "timeout": {"type": "integer", "minimum": 1},
+                        "timeout": _LIFETIME,
                         "autoPause": {"type": "boolean"},
                     },
                 },
@@ -464,7 +467,7 @@ _PATHS: Schema = {
                 {
                     "type": "object",
                     "properties": {
-                        "timeout": {"type": "integer", "minimum": 1},
+                        "timeout": _LIFETIME,
                         "count": {"type": "integer", "minimum": 1, "maximum": 100},
                     },
                 },

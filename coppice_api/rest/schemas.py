@@ -170,10 +170,7 @@ def metadata_filter(raw: str | None) -> dict[str, str]:
     once more (the SDKs send `k%3Dv%252520w` for {"k": "v w"})."""
     if not raw:
         return {}
-    try:
-        pairs = urllib.parse.parse_qsl(raw, keep_blank_values=True, strict_parsing=True)
-    except ValueError as e:
-        raise BadRequest(f"metadata: invalid filter {raw!r}") from e
+    pairs = urllib.parse.parse_qsl(raw, keep_blank_values=True)
     return {urllib.parse.unquote(k): urllib.parse.unquote(v) for k, v in pairs}
 
 
