@@ -7,6 +7,7 @@ tests' cached build), served by the real gateway (hypercorn) with the Interprete
 `e2b-code-interpreter` SDK runs in a child process, as a real client would. Measures:
   * floor: the kernel's own round trip with jupyter_client (`execute` + `execute_reply`, a
     second client on the same kernel), and the interpreter's kernel path (reply + idle);
+  * floor: an SDK call that reaches the interpreter but no kernel (`list_code_contexts`);
   * `sandbox.run_code("x = 1")`, p50/p95 over N sequential calls (target p50 <= 10 ms);
   * the first `run_code` after a sandbox's jail is up (target <= 1.5 s): cold (the first request
     starts the kernel), pre-started (`Interpreter.sandbox_started` right after the jail starts,
@@ -38,7 +39,8 @@ from coppice_envd.sandboxes import SandboxLookup, SandboxView
 
 REPO = Path(__file__).resolve().parent.parent
 
-# The SDK client: reads "<sandbox id> <runs>" lines, answers each with a JSON list of seconds.
+# The SDK client: reads "<call> <sandbox id> <runs>" lines (call: run_code or list_code_contexts),
+# answers each with a JSON list of seconds.
 CLIENT = r"""
 import json, sys, time
 from e2b import ConnectionConfig
@@ -48,15 +50,18 @@ url = sys.argv[1]
 config = ConnectionConfig(sandbox_url=url, api_key="e2b_" + "0" * 40)
 print("ready", flush=True)
 for line in sys.stdin:
-    sandbox_id, runs = line.split()
+    call, sandbox_id, runs = line.split()
     sandbox = Sandbox(sandbox_id=sandbox_id, sandbox_domain=None, envd_version=Version("0.4.0"),
                       envd_access_token=None, traffic_access_token=None, connection_config=config)
     times = []
     for _ in range(int(runs)):
         start = time.perf_counter()
-        execution = sandbox.run_code("x = 1")
+        if call == "run_code":
+            execution = sandbox.run_code("x = 1")
+            assert execution.error is None, execution.error
+        else:
+            sandbox.list_code_contexts()
         times.append(time.perf_counter() - start)
-        assert execution.error is None, execution.error
     print(json.dumps(times), flush=True)
 """
 
@@ -144,9 +149,9 @@ class Client:
         assert self.process.stdout is not None
         return (await self.process.stdout.readline()).decode().strip()
 
-    async def run(self, sandbox_id: str, runs: int) -> list[float]:
+    async def run(self, sandbox_id: str, runs: int, call: str = "run_code") -> list[float]:
         assert self.process.stdin is not None
-        self.process.stdin.write(f"{sandbox_id} {runs}\n".encode())
+        self.process.stdin.write(f"{call} {sandbox_id} {runs}\n".encode())
         await self.process.stdin.drain()
         line = await self._line()
         if not line:
@@ -240,6 +245,8 @@ async def main() -> None:
             raw, ours = await kernel_floor(bench, view.sandbox_id, args.runs)
             rows.append(("floor: jupyter_client execute+reply", raw))
             rows.append(("interpreter kernel path (reply+idle)", ours))
+            http = await client.run(view.sandbox_id, args.runs, "list_code_contexts")
+            rows.append(("floor: SDK list_code_contexts (HTTP)", http))
             rows.append(('SDK run_code("x = 1")', await client.run(view.sandbox_id, args.runs)))
 
             firsts: dict[str, list[float]] = {"cold": [], "prestart": [], "ready": []}
