@@ -236,3 +236,32 @@ async def test_destroy_while_another_mount_namespace_holds_a_copy(
     finally:
         holder.kill()
         await holder.wait()
+
+
+async def test_snapshot_template_deletable_while_its_source_lives(
+    storage: Storage, template: str
+) -> None:
+    """The new template depends on nothing the source sandbox needs, and vice versa (zfs:
+    the promotion is handed back), but sandboxes cloned from it keep it in use."""
+    a = await storage.clone(template, "sandboxa")
+    await asyncio.to_thread((a / "state").write_text, "a\n")
+    await storage.snapshot("sandboxa", "fork")
+    b = await storage.clone("fork", "sandboxb")
+    with pytest.raises(StorageError, match="in use"):
+        await storage.delete_template("fork")
+    assert await asyncio.to_thread(read, b / "state") == "a\n"
+    await storage.destroy("sandboxb")
+    await storage.delete_template("fork")
+    assert not await storage.has_template("fork")
+    # The source sandbox is untouched and can still be snapshotted and destroyed.
+    await asyncio.to_thread((a / "more").write_text, "more\n")
+    assert await asyncio.to_thread(read, a / "state") == "a\n"
+    await storage.snapshot("sandboxa", "fork2")
+    await storage.destroy("sandboxa")
+    c = await storage.clone("fork2", "sandboxc")
+    assert await asyncio.to_thread(read, c / "more") == "more\n"
+    await storage.destroy("sandboxc")
+    await storage.delete_template("fork2")
+    # The original template has no dependents left.
+    await storage.delete_template(template)
+    assert await storage.list_templates() == []

@@ -11,8 +11,11 @@ Snapshotting a sandbox clones `ID@base` into the template's place and promotes t
 the new template owns the snapshot (its `@base` appears at that moment) and the sandbox
 becomes its clone: the sandbox stays usable and mounted, and can be destroyed while the
 template lives on, with no copy. (No `zfs rename`: it unmounts every clone of the dataset.)
-A template keeps depending on its parent template, so a parent cannot be deleted while
-templates or sandboxes made from it exist.
+Each sandbox records the template it was cloned from (`coppice:template`), so deleting a
+template can tell a sandbox that only depends on it through such a promotion (and promotes
+it back first) from one cloned from it (which makes the template in use). A template keeps
+depending on its parent template, so a parent cannot be deleted while templates or
+sandboxes made from it exist.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from coppice_api.jails.storage.base import (
 
 SNAPSHOT = "base"
 BUILDER_PROPERTY = "coppice:builder"
+TEMPLATE_PROPERTY = "coppice:template"
 # zfs-fuse answers "dataset is busy" to most first destroys of a mounted clone; retrying every
 # 50 ms after an unmount succeeds within one or two attempts (platform notes §5).
 BUSY_RETRY_SECONDS = 0.05
@@ -232,7 +236,27 @@ class ZfsStorage(Storage):
     async def delete_template(self, template: str) -> None:
         check_name("template", template)
         await self._ensure_ready()
-        await self._destroy_dataset(f"{self._templates}/{template}")
+        dataset = f"{self._templates}/{template}"
+        origin = f"{dataset}@{SNAPSHOT}"
+        out = await self._zfs(
+            "list", "-H", "-o", f"name,origin,{TEMPLATE_PROPERTY}", "-t", "filesystem", "-r",
+            self.dataset,
+        )  # fmt: skip
+        promoted_sources, users = [], []
+        for line in out.splitlines():
+            name, clone_origin, cloned_from = line.split("\t")
+            if clone_origin != origin:
+                continue
+            if name.startswith(self._sandboxes + "/") and cloned_from not in ("-", template):
+                promoted_sources.append(name)  # depends on it only since snapshot() promoted
+            else:
+                users.append(name)
+        if users:
+            raise StorageError(f"template {template!r} is in use by: {', '.join(users)}")
+        for sandbox in promoted_sources:
+            # Hand the snapshot back: the template becomes a clone of the sandbox, deletable.
+            await self._zfs("promote", sandbox)
+        await self._destroy_dataset(dataset)
 
     async def _require_template(self, template: str) -> None:
         if not await self.has_template(template):
@@ -245,7 +269,10 @@ class ZfsStorage(Storage):
         await self._ensure_ready()
         dataset = f"{self._sandboxes}/{sandbox_id}"
         try:
-            await self._zfs("clone", f"{self._templates}/{template}@{SNAPSHOT}", dataset)
+            await self._zfs(
+                "clone", "-o", f"{TEMPLATE_PROPERTY}={template}",
+                f"{self._templates}/{template}@{SNAPSHOT}", dataset,
+            )  # fmt: skip
         except CommandFailed as e:
             if "exists" in e.stderr and "does not exist" not in e.stderr:
                 raise StorageError(f"sandbox {sandbox_id!r} already exists") from e
