@@ -200,6 +200,20 @@ def test_timeout_interrupts_and_next_call_works(sandbox: Sandbox) -> None:
     assert sandbox.run_code("print(kept)", timeout=60).logs.stdout == ["still here\n"]
 
 
+def test_kernel_that_ignores_interrupts_is_replaced(sandbox: Sandbox) -> None:
+    stubborn = (
+        "import time\nwhile True:\n    try:\n        time.sleep(1)\n"
+        "    except KeyboardInterrupt:\n        pass"
+    )
+    with pytest.raises(Exception, match="timed out"):
+        sandbox.run_code(stubborn, timeout=2)
+    # Not stuck behind it: the kernel was replaced (so its state is gone).
+    after = sandbox.run_code("print('alive'); time", timeout=120)
+    assert after.logs.stdout == ["alive\n"]
+    assert after.error is not None
+    assert after.error.name == "NameError"
+
+
 def test_contexts_do_not_share_state(sandbox: Sandbox) -> None:
     one = sandbox.create_code_context()
     two = sandbox.create_code_context(cwd="/tmp")
