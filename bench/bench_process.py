@@ -92,7 +92,7 @@ def sdk_sequential(url: str, sandbox_id: str, runs: int) -> list[float]:
     return samples
 
 
-async def sdk_concurrent(url: str, sandbox_id: str, streams: int) -> dict[str, float]:
+async def sdk_concurrent(url: str, sandbox_id: str, streams: int) -> dict[str, Any]:
     """How many of `streams` concurrent runs came back complete and correct, and the wall time."""
     sandbox = await AsyncSandbox.connect(sandbox_id, debug=True, sandbox_url=url)
 
@@ -103,7 +103,8 @@ async def sdk_concurrent(url: str, sandbox_id: str, streams: int) -> dict[str, f
     start = time.perf_counter()
     results = await asyncio.gather(*(one(i) for i in range(streams)), return_exceptions=True)
     elapsed = (time.perf_counter() - start) * 1000
-    return {"complete": sum(1 for r in results if r is True), "wall_ms": elapsed}
+    errors = sorted({repr(r)[:200] for r in results if r is not True})
+    return {"complete": sum(1 for r in results if r is True), "wall_ms": elapsed, "errors": errors}
 
 
 def client_main(mode: str, url: str, sandbox_id: str, count: int) -> None:
@@ -202,6 +203,8 @@ async def main() -> None:
             f"{args.streams} concurrent commands.run streams (async SDK): {complete} complete, "
             f"{args.streams - complete} lost, {concurrent['wall_ms']:.0f} ms wall"
         )
+        for error in concurrent["errors"]:
+            print(f"  lost: {error}")
     finally:
         await jail.stop()
         umount = await asyncio.create_subprocess_exec("umount", "--lazy", str(root))

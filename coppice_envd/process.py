@@ -49,7 +49,6 @@ UNEXECUTABLE_FALLBACK = ["/bin/sh", "-c", 'exec "$@"', "--"]
 
 _ERROR_CODES: dict[type[ProcessError], Code] = {
     ProcessNotFound: Code.NOT_FOUND,
-    SpawnFailed: Code.INVALID_ARGUMENT,
     InputFailed: Code.INTERNAL,
     StdinNotClosable: Code.UNKNOWN,
     ResizeFailed: Code.INTERNAL,
@@ -199,8 +198,15 @@ class ProcessService:
         try:
             try:
                 subscription = await start(argv)
-            except SpawnFailed:
+            except SpawnFailed as exc:
+                if not exc.unexecutable:
+                    raise
                 subscription = await start([*UNEXECUTABLE_FALLBACK, *argv])
+        except SpawnFailed as exc:
+            what = "pty with command" if pty is not None else "process"
+            raise ConnectError(
+                Code.INVALID_ARGUMENT, f"error starting {what} '{' '.join(argv)}': {exc}"
+            ) from exc
         except ProcessError as exc:
             raise _rpc_error(exc) from exc
         async with contextlib.aclosing(

@@ -39,6 +39,10 @@ PTY_CHUNK_BYTES = 16 * 1024  # and for a pty master
 RETAIN_SECONDS = 30.0  # how long an exited process stays connectable
 # A subscriber holding more unsent output than this pauses the readers (back-pressure).
 SUBSCRIBER_BUFFER_BYTES = 1024 * 1024
+# Spawns in flight per jail: a burst of starts waits here rather than overrunning the jail's
+# exec channel (its init's listen backlog).
+SPAWNS_IN_FLIGHT = 32
+_UNEXECUTABLE = frozenset({errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR, errno.ELOOP})
 
 OutputKind = Literal["stdout", "stderr", "pty"]
 Selector = int | str  # a pid, or a tag
@@ -70,7 +74,12 @@ class ProcessNotFound(ProcessError):
 
 
 class SpawnFailed(ProcessError):
-    pass
+    """The jail could not start the process; `unexecutable` when the program itself is the
+    problem (missing, not executable), not the jail."""
+
+    def __init__(self, message: str, *, unexecutable: bool) -> None:
+        super().__init__(message)
+        self.unexecutable = unexecutable
 
 
 class InputFailed(ProcessError):
@@ -478,6 +487,7 @@ class ProcessTable(Generic[C]):
         self._live: dict[int, ManagedProcess[C]] = {}
         self._retained: dict[int, _Retained] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._spawn_slots = asyncio.Semaphore(SPAWNS_IN_FLIGHT)
 
     async def start(
         self,
@@ -490,10 +500,12 @@ class ProcessTable(Generic[C]):
     ) -> Subscription:
         """Spawn a process and return a subscription made before any of its output is read."""
         try:
-            proc = await self.jail.exec(spec)
-        except (ExecError, JailError, OSError) as exc:
-            what = "pty" if spec.pty is not None else "process"
-            raise SpawnFailed(f"error starting {what} '{' '.join(spec.argv)}': {exc}") from exc
+            async with self._spawn_slots:
+                proc = await self.jail.exec(spec)
+        except ExecError as exc:
+            raise SpawnFailed(str(exc), unexecutable=exc.errno in _UNEXECUTABLE) from exc
+        except (JailError, OSError) as exc:
+            raise SpawnFailed(str(exc), unexecutable=False) from exc
         managed = ManagedProcess(self, proc, tag=tag, config=config, stdin=stdin)
         subscription = managed.subscribe()
         self._forget_retained(managed.pid, tag)

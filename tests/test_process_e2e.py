@@ -229,6 +229,9 @@ def test_generated_client_missing_command_tags_and_unknown_user(gateway: RealSan
 # -- async SDK -----------------------------------------------------------------------------------
 
 
+# The async SDK builds its HTTP clients (loading the CA store) on the calling loop; that is the
+# client's blocking, and this loop is only the client's (the gateway runs in its own thread).
+@pytest.mark.allow_blocking
 async def test_async_run_background_and_pty(async_sbx: AsyncSandbox) -> None:
     result = await async_sbx.commands.run("echo async; exit 0", user="root")
     assert result.stdout == "async\n"
