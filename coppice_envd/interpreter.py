@@ -386,8 +386,11 @@ class SandboxContexts:
         return kernel
 
     def _kernel_exited(self, kernel: Kernel) -> None:
+        _background(self._forget_if_jail_gone())
+
+    async def _forget_if_jail_gone(self) -> None:
         # A kernel also ends with its sandbox (killed without `sandbox_stopped`): forget it then.
-        if not self.jail.is_alive():
+        if not await asyncio.to_thread(self.jail.is_alive):
             self._on_jail_gone(self)
 
     async def default_cwd(self) -> str:

@@ -148,6 +148,12 @@ def _write_in_sandbox(root: Path, path: str, data: bytes, user: User) -> None:
             os.close(fd)
 
 
+def _install_bash_kernel(root: Path, user: User) -> None:
+    """Copy bash_kernel.py into the sandbox's KERNEL_DIR. Blocking."""
+    source = resources.files("coppice_envd").joinpath(_BASH_KERNEL_FILE).read_bytes()
+    _write_in_sandbox(root, f"{KERNEL_DIR}/{_BASH_KERNEL_FILE}", source, user)
+
+
 def _remove_in_sandbox(root: Path, path: str) -> None:
     """Remove `path` from the sandbox root if it is there. Blocking."""
     with contextlib.suppress(OSError), ConfinedRoot(root) as confined:
@@ -273,10 +279,7 @@ class Kernel:
             _write_in_sandbox, jail.root, connection_path, json.dumps(info).encode(), user
         )
         if language.needs_bash_kernel:
-            source = resources.files("coppice_envd").joinpath(_BASH_KERNEL_FILE).read_bytes()
-            await asyncio.to_thread(
-                _write_in_sandbox, jail.root, f"{KERNEL_DIR}/{_BASH_KERNEL_FILE}", source, user
-            )
+            await asyncio.to_thread(_install_bash_kernel, jail.root, user)
         argv: Sequence[str] = [*language.argv, "-f", connection_path]
         try:
             process = await jail.exec(ExecSpec(argv=argv, user=user, cwd=cwd, env=dict(env)))
