@@ -226,6 +226,41 @@ def keepalive_interval(ctx: RequestContext[Any, Any]) -> float:
     return seconds if seconds > 0 else DEFAULT_KEEPALIVE_SECONDS
 
 
+LEGACY_USER_AGENT = "connect-python"
+_Trimmable = TypeVar(
+    "_Trimmable",
+    fs.StatResponse,
+    fs.MakeDirResponse,
+    fs.MoveResponse,
+    fs.ListDirResponse,
+    fs.WatchDirResponse,
+    fs.GetWatcherEventsResponse,
+)
+
+
+def _trimmed(ctx: RequestContext[Any, Any], response: _Trimmable) -> _Trimmable:
+    """envd's answer to SDKs old enough to send `User-Agent: connect-python` (§2.10): entries
+    carry only name, type and path, events only name and type."""
+    if ctx.request_headers.get("user-agent") != LEGACY_USER_AGENT:
+        return response
+    ctx.response_headers["x-e2b-legacy-sdk"] = "true"
+    entries: list[fs.EntryInfo] = []
+    events: list[fs.FilesystemEvent] = []
+    if isinstance(response, fs.ListDirResponse):
+        entries = list(response.entries)
+    elif isinstance(response, fs.GetWatcherEventsResponse):
+        events = list(response.events)
+    elif isinstance(response, fs.WatchDirResponse):
+        events = [response.filesystem] if response.HasField("filesystem") else []
+    elif response.HasField("entry"):
+        entries = [response.entry]
+    for entry in entries:
+        entry.CopyFrom(fs.EntryInfo(name=entry.name, type=entry.type, path=entry.path))
+    for event in events:
+        event.ClearField("entry")
+    return response
+
+
 @dataclass
 class _PollingWatcher:
     sandbox_id: str
@@ -261,7 +296,7 @@ class FilesystemService:
     async def stat(
         self, request: fs.StatRequest, ctx: RequestContext[fs.StatRequest, fs.StatResponse], /
     ) -> fs.StatResponse:
-        return await run_operation(lambda op: _stat(op, request.path))
+        return _trimmed(ctx, await run_operation(lambda op: _stat(op, request.path)))
 
     async def make_dir(
         self,
@@ -269,12 +304,13 @@ class FilesystemService:
         ctx: RequestContext[fs.MakeDirRequest, fs.MakeDirResponse],
         /,
     ) -> fs.MakeDirResponse:
-        return await run_operation(lambda op: _make_dir(op, request.path))
+        return _trimmed(ctx, await run_operation(lambda op: _make_dir(op, request.path)))
 
     async def move(
         self, request: fs.MoveRequest, ctx: RequestContext[fs.MoveRequest, fs.MoveResponse], /
     ) -> fs.MoveResponse:
-        return await run_operation(lambda op: _move(op, request.source, request.destination))
+        response = await run_operation(lambda op: _move(op, request.source, request.destination))
+        return _trimmed(ctx, response)
 
     async def list_dir(
         self,
@@ -282,7 +318,8 @@ class FilesystemService:
         ctx: RequestContext[fs.ListDirRequest, fs.ListDirResponse],
         /,
     ) -> fs.ListDirResponse:
-        return await run_operation(lambda op: _list_dir(op, request.path, request.depth))
+        response = await run_operation(lambda op: _list_dir(op, request.path, request.depth))
+        return _trimmed(ctx, response)
 
     async def remove(
         self,
@@ -321,7 +358,7 @@ class FilesystemService:
                 )
                 if getter in done:
                     event, getter = getter.result(), None
-                    yield fs.WatchDirResponse(filesystem=event)
+                    yield _trimmed(ctx, fs.WatchDirResponse(filesystem=event))
                 elif runner in done:
                     error = runner.exception()
                     raise ConnectError(Code.INTERNAL, str(error) if error else "watcher stopped")
@@ -367,7 +404,7 @@ class FilesystemService:
         if watcher.error is not None:
             raise ConnectError(Code.INTERNAL, watcher.error)
         events, watcher.events = watcher.events, []
-        return fs.GetWatcherEventsResponse(events=events)
+        return _trimmed(ctx, fs.GetWatcherEventsResponse(events=events))
 
     async def remove_watcher(
         self,

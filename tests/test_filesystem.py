@@ -457,3 +457,18 @@ def test_polling_watcher(tmp_path: Path) -> None:
         assert call(gw, "RemoveWatcher", {"watcherId": watcher_id}, **on_a) == (200, {})
         status, body = call(gw, "GetWatcherEvents", {"watcherId": watcher_id}, **on_a)
         assert body == {"code": "not_found", "message": f"watcher with id {watcher_id} not found"}
+
+
+def test_legacy_sdk_gets_trimmed_entries(gateway: RunningGateway, root: Path) -> None:
+    (root / "home/user/old.txt").write_text("o")
+    response = httpx.post(
+        f"{gateway.url}/{FS}/ListDir",
+        json={"path": "/home/user"},
+        headers={"user-agent": "connect-python"},
+    )
+    assert response.headers["x-e2b-legacy-sdk"] == "true"
+    assert response.json() == {
+        "entries": [{"name": "old.txt", "type": "FILE_TYPE_FILE", "path": "/home/user/old.txt"}]
+    }
+    _, body = call(gateway, "Stat", {"path": "old.txt"})
+    assert "permissions" in body["entry"]  # everyone else gets the full entry
