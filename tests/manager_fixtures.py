@@ -4,6 +4,7 @@ leaving a half-made leftover behind the way a real backend would, so rollback ca
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -187,3 +188,28 @@ class Backends:
         finally:
             await manager.close()
             await registry.close()
+
+
+DEV_ROOTFS = Path("/var/cache/coppice-dev/base")
+
+
+async def install_dev_rootfs_template(data_dir: Path, storage: Storage) -> None:
+    """Template `base` from the dev rootfs, hard-linked in (fast on one filesystem, and safe:
+    overlay never writes to a lower dir), with its metadata for a TemplateStore on data_dir."""
+    copy = data_dir / "base-rootfs"
+    process = await asyncio.create_subprocess_exec("cp", "-al", str(DEV_ROOTFS), str(copy))
+    if await process.wait() != 0:
+        raise RuntimeError(f"could not copy {DEV_ROOTFS}")
+    info = TemplateInfo(
+        name="base",
+        backend=storage.name,
+        created="2026-01-01T00:00:00+00:00",
+        size_bytes=0,
+        user="user",
+        workdir="/home/user",
+        env={},
+    )
+    metadata = data_dir / "templates" / "base.json"
+    await asyncio.to_thread(metadata.parent.mkdir, parents=True, exist_ok=True)
+    await asyncio.to_thread(metadata.write_text, info.to_json())
+    await storage.add_template("base", copy)

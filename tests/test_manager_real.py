@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -16,16 +15,16 @@ from pathlib import Path
 
 import pytest
 from e2b import Sandbox
+from manager_fixtures import DEV_ROOTFS, install_dev_rootfs_template
 
 from coppice_api.jails.manager import CreateSpec, NotFound, SandboxManager
 from coppice_api.jails.registry import Registry, SandboxQuery
 from coppice_api.jails.runtime.base import ExecSpec, Jail, User
 from coppice_api.jails.runtime.linux import LinuxRuntime
 from coppice_api.jails.storage.overlay import OverlayStorage
-from coppice_api.jails.templates import TemplateInfo, TemplateStore
+from coppice_api.jails.templates import TemplateStore
 from coppice_api.rest.app import bound_port, build_app, start_api
 
-DEV_ROOTFS = Path("/var/cache/coppice-dev/base")
 ROOT = User(name="root", uid=0, gid=0, home="/root")
 KEY = "e2b_" + "12" * 20
 
@@ -50,33 +49,14 @@ class Real:
             await registry.close()
 
 
-def _install_base(data_dir: Path, storage_dir: Path) -> Path:
-    """A hard-linked copy of the dev rootfs (fast, same filesystem) and the template's metadata."""
-    if not (DEV_ROOTFS / "etc" / "passwd").exists():
-        pytest.fail(f"the dev rootfs {DEV_ROOTFS} is missing (built by the lead's setup)")
-    copy = data_dir / "base-rootfs"
-    subprocess.run(["cp", "-al", str(DEV_ROOTFS), str(copy)], check=True)
-    (data_dir / "templates").mkdir()
-    info = TemplateInfo(
-        name="base",
-        backend="overlay",
-        created="2026-01-01T00:00:00+00:00",
-        size_bytes=0,
-        user="user",
-        workdir="/home/user",
-        env={},
-    )
-    (data_dir / "templates" / "base.json").write_text(info.to_json())
-    return copy
-
-
 @pytest.fixture
 async def real() -> AsyncIterator[Real]:
     # Short path: the jail's unix socket lives under it.
     data_dir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="cpi-", dir="/tmp"))
+    if not (DEV_ROOTFS / "etc" / "passwd").exists():
+        pytest.fail(f"the dev rootfs {DEV_ROOTFS} is missing (built by the lead's setup)")
     storage = OverlayStorage(data_dir / "overlay")
-    copy = await asyncio.to_thread(_install_base, data_dir, data_dir / "overlay")
-    await storage.add_template("base", copy)
+    await install_dev_rootfs_template(data_dir, storage)
     real = Real(data_dir, storage, TemplateStore(data_dir, storage))
     try:
         yield real

@@ -325,6 +325,11 @@ class SandboxManager:
 
     # Reading ---------------------------------------------------------------------------------
     async def get(self, sandbox_id: str) -> SandboxRecord:
+        # Sandboxes with a jail in this process are read from memory: every change of them goes
+        # through this manager, which writes the registry and this copy together.
+        live = self._live.get(sandbox_id)
+        if live is not None:
+            return live.record
         record = await self.registry.get_sandbox(sandbox_id)
         if record is None:
             raise NotFound(f"Sandbox \"{sandbox_id}\" doesn't exist or you don't have access to it")
@@ -367,9 +372,9 @@ class SandboxManager:
         self._cpu_samples.pop(sandbox_id, None)
         await self._collect_fork_template(record.template)
 
-    async def _set_end(self, sandbox_id: str, end_at: float) -> SandboxRecord:
-        await self.registry.update_sandbox(sandbox_id, end_at=end_at)
-        record = await self.get(sandbox_id)
+    async def _set_end(self, record: SandboxRecord, end_at: float) -> SandboxRecord:
+        await self.registry.update_sandbox(record.id, end_at=end_at)
+        record = replace(record, end_at=end_at)
         self._refresh_live(record)
         self._wake_reaper.set()
         return record
@@ -380,15 +385,15 @@ class SandboxManager:
             raise InvalidArgument("timeout: must not be negative")
         seconds = min(seconds, self.max_timeout)
         async with self._lock(sandbox_id):
-            await self.get(sandbox_id)
-            return await self._set_end(sandbox_id, self._clock() + seconds)
+            record = await self.get(sandbox_id)
+            return await self._set_end(record, self._clock() + seconds)
 
     async def refresh(self, sandbox_id: str, seconds: int) -> SandboxRecord:
         """The end time becomes now + seconds, only if that is later."""
         async with self._lock(sandbox_id):
             record = await self.get(sandbox_id)
             end = max(record.end_at, self._clock() + min(seconds, self.max_timeout))
-            return await self._set_end(sandbox_id, end)
+            return await self._set_end(record, end)
 
     def _refresh_live(self, record: SandboxRecord) -> None:
         live = self._live.get(record.id)
@@ -426,7 +431,7 @@ class SandboxManager:
             record = await self.get(sandbox_id)
             if record.state == "running":
                 end = max(record.end_at, self._clock() + timeout_seconds)
-                return ConnectResult(await self._set_end(sandbox_id, end), resumed=False)
+                return ConnectResult(await self._set_end(record, end), resumed=False)
             return ConnectResult(await self._resume_locked(record, timeout_seconds), resumed=True)
 
     async def resume(self, sandbox_id: str, timeout_seconds: int) -> SandboxRecord:
