@@ -137,12 +137,16 @@ def test_token_gate(two: tuple[RunningGateway, Path, Path]) -> None:
     )
     assert (response.status_code, response.json()) == (401, unauthorized)
     # Sandbox a is open, but b's token opens nothing of a's... and a's nothing of b's.
-    assert httpx.get(f"{gw.url}/envs", headers={"e2b-sandbox-id": "aaa111"}).json() == {"A": "1"}
+    assert httpx.get(f"{gw.url}/envs", headers={"e2b-sandbox-id": "aaa111"}).json() == {
+        "E2B_SANDBOX": "true",
+        "E2B_SANDBOX_ID": "aaa111",
+        "A": "1",
+    }
     other = {"e2b-sandbox-id": "bbb222", "x-access-token": "tok-a"}
     assert httpx.get(f"{gw.url}/envs", headers=other).status_code == 401
-    assert httpx.get(f"{gw.url}/envs", headers={**on_b, "x-access-token": "tok-b"}).json() == {
-        "B": "2"
-    }
+    assert (
+        httpx.get(f"{gw.url}/envs", headers={**on_b, "x-access-token": "tok-b"}).json()["B"] == "2"
+    )
 
 
 def test_small_routes(two: tuple[RunningGateway, Path, Path]) -> None:
