@@ -149,11 +149,12 @@ def cgroup_dirs(sandbox_id: str) -> list[Path]:
 
 def processes_rooted_at(root: Path) -> list[int]:
     """Host pids of every process whose root directory is `root`."""
+    wanted = os.stat(root)
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if os.readlink(entry / "root") == str(root):
+                if os.path.samestat(os.stat(entry / "root"), wanted):
                     found.append(int(entry.name))
             except OSError:
                 continue
@@ -204,7 +205,8 @@ async def test_runs_as_the_sandbox_user_in_its_home(jail: LinuxJail) -> None:
 
 async def test_root_is_the_sandbox_root(jail: LinuxJail) -> None:
     assert (await sh(jail, "readlink /proc/self/root")).strip() == "/"
-    assert os.readlink(f"/proc/{jail.init_pid}/root") == str(jail.root)
+    # Seen from the host, the jail's root directory is the sandbox root.
+    assert await asyncio.to_thread(os.path.samefile, f"/proc/{jail.init_pid}/root", jail.root)
     await sh(jail, "echo inside > /written-in-jail")
     assert (jail.root / "written-in-jail").read_text() == "inside\n"
     # The jail's /dev and /tmp are its own, not the sandbox tree's nor the host's.
@@ -247,6 +249,29 @@ async def test_root_in_the_jail_cannot_get_out(jail: LinuxJail) -> None:
     # Root still runs as root for ordinary work: owning files, switching users.
     assert await sh(jail, "touch /f && chown 1000:1000 /f && stat -c %u /f") == "1000\n"
     assert await sh(jail, "su -s /bin/sh -c 'id -u' user") == "1000\n"
+
+
+async def test_the_jail_holds_no_other_mounts(runtime: LinuxRuntime, make_root: MakeRoot) -> None:
+    """Host mounts (another sandbox's root here) are not kept alive by a jail's namespace."""
+    other_root = make_root()
+    jail = await runtime.start(new_id(), make_root(), Limits())
+    # A process that only joins the jail's mount namespace sees all of it from the namespace's
+    # root (the jail's /proc would not show a host pid, so read its mountinfo from the host).
+    namespace = f"/proc/{jail.init_pid}/ns/mnt"
+    visitor = await asyncio.create_subprocess_exec("nsenter", f"--mount={namespace}", "sleep", "99")
+    visitor_namespace = f"/proc/{visitor.pid}/ns/mnt"
+    try:
+        await wait_until(lambda: os.readlink(visitor_namespace) == os.readlink(namespace))
+        mountinfo = await asyncio.to_thread(Path(f"/proc/{visitor.pid}/mountinfo").read_text)
+    finally:
+        visitor.kill()
+        await visitor.wait()
+    mount_points = sorted(line.split()[4] for line in mountinfo.splitlines())
+    assert mount_points == [
+        "/", "/dev", "/dev/pts", "/dev/shm", "/proc", "/proc/bus", "/proc/fs", "/proc/irq",
+        "/proc/sys", "/tmp",
+    ]  # fmt: skip
+    assert str(other_root) not in mountinfo
 
 
 async def test_pty_process_sees_a_terminal(jail: LinuxJail) -> None:

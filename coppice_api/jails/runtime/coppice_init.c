@@ -7,15 +7,17 @@
  * 2. unshare(mount, pid, uts, ipc) and fork: the child is PID 1 of the new pid namespace.
  *    The parent waits until the child is ready, prints the child's host pid on stdout and exits,
  *    so the jail outlives whoever started it (the service may restart; jails keep running).
- * 3. The child makes its mounts private, listens on SOCKET (a host path), chroots into ROOT and
- *    mounts /proc, a small /dev (device nodes, devpts, shm) and /tmp there — all by in-jail paths
- *    after the chroot, so a symlink planted in the sandbox cannot redirect a mount onto the host.
+ * 3. The child makes its mounts private, listens on SOCKET (a host path), makes ROOT its root
+ *    (pivot_root; the host's mounts are detached from the namespace) and mounts /proc, a small
+ *    /dev (device nodes, devpts, shm) and /tmp there — all by in-jail paths after the pivot, so
+ *    a symlink planted in the sandbox cannot redirect a mount onto the host.
  * 4. Then it reaps every process of the jail and serves requests on SOCKET.
  *
- * There is no user namespace, so root in a jail is real root. Two things keep it inside the
- * jail: the processes it starts lose every capability but a small set (no chroot, mount, mknod,
- * raw network, ptrace, module or raw-io capability: none of the ways out of a chroot), and
- * /proc/sys and friends are read-only (kernel.core_pattern alone would run a host program).
+ * There is no user namespace, so root in a jail is real root. What keeps it inside the jail: no
+ * host filesystem is mounted in its namespace at all; the processes it starts lose every
+ * capability but a small set (no mount, chroot, mknod, raw network, ptrace, module or raw-io
+ * capability); and /proc/sys and friends are read-only (kernel.core_pattern alone would run a
+ * host program).
  *
  * Protocol: SOCK_SEQPACKET, one request or reply per packet, native byte order (same host).
  *   exec request  struct exec_req + gid_t groups[ngroups] + "cwd\0" + argv[argc] + env[envc]
@@ -42,6 +44,7 @@
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -157,7 +160,7 @@ static void setup_dev(int ready_fd)
         {"/proc/self/fd/1", "/dev/stdout"}, {"/proc/self/fd/2", "/dev/stderr"},
     };
     mount_or_die(ready_fd, "tmpfs", "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755,size=1m");
-    /* mknod instead of bind mounts from the host: after the chroot no host path is needed. */
+    /* mknod instead of bind mounts from the host: after the pivot no host path is reachable. */
     for (size_t i = 0; i < sizeof nodes / sizeof nodes[0]; i++)
         if (mknod(nodes[i].name, S_IFCHR | 0666, makedev(nodes[i].major, nodes[i].minor)) < 0 ||
             chmod(nodes[i].name, 0666) < 0)
@@ -186,7 +189,12 @@ static int listen_on(int ready_fd, const char *path)
 static void setup_jail(int ready_fd, const char *root, const char *hostname)
 {
     if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0) die(ready_fd, "make / private");
-    if (chdir(root) < 0 || chroot(".") < 0 || chdir("/") < 0) die(ready_fd, root);
+    /* pivot_root, not chroot: the host's mounts leave this namespace for good. The namespace got
+       a copy of every host mount at unshare; kept (as a chroot would), each copy would pin its
+       filesystem — other sandboxes' clones included — until this jail ends. */
+    if (mount(root, root, NULL, MS_BIND | MS_REC, NULL) < 0 || chdir(root) < 0 ||
+        syscall(SYS_pivot_root, ".", ".") < 0 || umount2(".", MNT_DETACH) < 0 || chdir("/") < 0)
+        die(ready_fd, root);
     mount_or_die(ready_fd, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
     static const char *const kernel_knobs[] = {"/proc/sys", "/proc/sysrq-trigger", "/proc/irq",
                                                "/proc/bus", "/proc/fs"};
