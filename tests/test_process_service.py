@@ -487,6 +487,38 @@ async def test_connect_streams_live_output_to_every_subscriber(service: ProcessS
         assert [e.WhichOneof("event") for e in events][-1] == "end"
 
 
+async def test_connect_timeout_ends_the_stream_but_not_the_process(
+    service: ProcessService,
+) -> None:
+    stream = service.start(start_request("sleep 30"), context("Start"))
+    pid = (await first_event(stream)).start.pid
+    watcher = service.connect(connect_pid(pid), context("Connect", None, 200))
+    assert (await first_event(watcher)).start.pid == pid
+    with pytest.raises(ConnectError) as caught:
+        await collect_rest(watcher)
+    assert caught.value.code == Code.DEADLINE_EXCEEDED
+    listed = (await service.list(pb.ListRequest(), context("List"))).processes
+    assert [p.pid for p in listed] == [pid]
+    await stream.aclose()
+
+
+async def test_unknown_pid_everywhere_is_not_found(service: ProcessService) -> None:
+    missing = pb.ProcessSelector(pid=999999)
+    calls = [
+        service.close_stdin(pb.CloseStdinRequest(process=missing), context("CloseStdin")),
+        service.update(pb.UpdateRequest(process=missing), context("Update")),
+        service.send_input(
+            pb.SendInputRequest(process=missing, input=pb.ProcessInput(stdin=b"x")),
+            context("SendInput"),
+        ),
+    ]
+    for call in calls:
+        with pytest.raises(ConnectError) as caught:
+            await call
+        assert caught.value.code == Code.NOT_FOUND
+        assert caught.value.message == "process with pid 999999 not found"
+
+
 async def test_connect_unknown_pid_and_unset_selector(service: ProcessService) -> None:
     with pytest.raises(ConnectError) as caught:
         await collect(service.connect(connect_pid(999999), context("Connect")))
