@@ -19,7 +19,7 @@ from manager_fixtures import Backends
 
 from coppice_api.jails.manager import SandboxManager
 from coppice_api.rest.app import build_app
-from coppice_api.rest.auth import load_api_keys
+from coppice_api.rest.auth import load_api_keys, read_api_keys
 from coppice_api.rest.openapi import openapi_document
 
 KEY = "e2b_" + "ab" * 20
@@ -420,6 +420,7 @@ async def test_openapi_document_describes_exactly_the_routes(api: Api) -> None:
 
 
 def test_api_key_is_created_once_and_kept_private(tmp_path: Path) -> None:
+    assert read_api_keys(tmp_path, {}) == ()
     first = load_api_keys(tmp_path, {})
     assert first.created is not None
     assert re.fullmatch(r"e2b_[0-9a-f]{40}", first.created)
@@ -427,5 +428,6 @@ def test_api_key_is_created_once_and_kept_private(tmp_path: Path) -> None:
     second = load_api_keys(tmp_path, {})
     assert second.created is None
     assert second.keys == first.keys
+    assert read_api_keys(tmp_path, {}) == first.keys
     from_env = load_api_keys(tmp_path, {"COPPICE_API_KEYS": "a, b,,"})
     assert from_env.keys == ("a", "b")

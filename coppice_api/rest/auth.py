@@ -35,25 +35,30 @@ def new_api_key() -> str:
     return "e2b_" + secrets.token_hex(20)
 
 
-def load_api_keys(data_dir: Path, environ: Mapping[str, str] | None = None) -> ApiKeys:
-    """The configured keys: `COPPICE_API_KEYS` (comma-separated), else the keys file in the data
-    dir (one per line); if neither has one, create a key and store it in that file (mode 0600).
-
-    Blocking file I/O: call it at startup, or through a thread.
-    """
+def read_api_keys(data_dir: Path, environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The configured keys, creating none: `COPPICE_API_KEYS` (comma-separated), else the keys
+    file in the data dir (one per line, `#` comments). Blocking file I/O."""
     env = os.environ if environ is None else environ
     from_env = tuple(k.strip() for k in env.get(KEYS_ENV, "").split(",") if k.strip())
     if from_env:
-        return ApiKeys(from_env, None, KEYS_ENV)
+        return from_env
     path = data_dir / KEYS_FILENAME
-    if path.exists():
-        from_file = tuple(
-            line.strip()
-            for line in path.read_text().splitlines()
-            if line.strip() and not line.lstrip().startswith("#")
-        )
-        if from_file:
-            return ApiKeys(from_file, None, str(path))
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return ()
+    return tuple(s for s in (line.strip() for line in lines) if s and not s.startswith("#"))
+
+
+def load_api_keys(data_dir: Path, environ: Mapping[str, str] | None = None) -> ApiKeys:
+    """The configured keys (see read_api_keys); if there are none, create a key and store it in
+    the keys file (mode 0600), for `serve` to print. Blocking file I/O: call it at startup."""
+    env = os.environ if environ is None else environ
+    keys = read_api_keys(data_dir, env)
+    if keys:
+        source = KEYS_ENV if env.get(KEYS_ENV, "").strip(", ") else str(data_dir / KEYS_FILENAME)
+        return ApiKeys(keys, None, source)
+    path = data_dir / KEYS_FILENAME
     key = new_api_key()
     data_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
