@@ -77,7 +77,11 @@ class Closable(Protocol):
 
 
 def _reflection_files() -> list[Any]:
-    """protobuf-py descriptors of our two services, as the reflection service wants them."""
+    """protobuf-py descriptors of our two services, as the reflection service wants them.
+
+    Built from the google-protobuf descriptors in gen/ with protobuf-py's codegen helper (the
+    only public way to turn a serialized FileDescriptorProto into a `DescFile`).
+    """
     return [
         file_desc(filesystem_pb2.DESCRIPTOR.serialized_pb, [timestamp_pb.desc()], {}),
         file_desc(process_pb2.DESCRIPTOR.serialized_pb, [], {}),

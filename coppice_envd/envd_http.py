@@ -139,9 +139,6 @@ class Routes:
     def add(self, method: str, path: str, handler: Handler) -> None:
         self.table.setdefault(path, {})[method] = handler
 
-    def __contains__(self, path: str) -> bool:
-        return path in self.table
-
     async def dispatch(self, request: HTTPRequest, send: Send) -> None:
         methods = self.table.get(request.path)
         if methods is None:
