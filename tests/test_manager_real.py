@@ -186,3 +186,17 @@ async def test_python_sdk_over_the_real_backends(
             assert await real.storage.list_sandboxes() == []
         finally:
             await runner.cleanup()
+
+
+async def test_paused_sandbox_survives_a_restart(real: Real) -> None:
+    async with real.manager() as manager:
+        record = await manager.create(CreateSpec(template="base"))
+        await manager.pause(record.id)
+    async with real.manager() as manager:
+        assert (await manager.get(record.id)).state == "paused"
+        assert manager.get_live(record.id) is None
+        assert (await manager.connect(record.id, 60)).resumed
+        live = manager.get_live(record.id)
+        assert live is not None
+        assert await sh(live.jail, "true") == 0
+        await manager.kill(record.id)

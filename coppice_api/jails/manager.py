@@ -320,7 +320,7 @@ class SandboxManager:
             raise
         self._live[sandbox_id] = LiveSandbox(record, jail, info)
         self._wake_reaper.set()
-        await self._event(sandbox_id, "info", "sandbox created", template=storage_template)
+        await self.log_event(sandbox_id, "info", "sandbox created", template=storage_template)
         return record
 
     # Reading ---------------------------------------------------------------------------------
@@ -421,7 +421,7 @@ class SandboxManager:
             raise OperationFailed(f"Pausing sandbox {sandbox_id} failed: {e}") from e
         record = replace(record, state="paused")
         self._refresh_live(record)
-        await self._event(sandbox_id, "info", "sandbox paused")
+        await self.log_event(sandbox_id, "info", "sandbox paused")
         return record
 
     async def connect(self, sandbox_id: str, timeout_seconds: int) -> ConnectResult:
@@ -466,7 +466,7 @@ class SandboxManager:
         info = await self._template_of(record)
         self._live[record.id] = LiveSandbox(record, jail, info)
         self._wake_reaper.set()
-        await self._event(record.id, "info", "sandbox resumed")
+        await self.log_event(record.id, "info", "sandbox resumed")
         return record
 
     @staticmethod
@@ -501,7 +501,7 @@ class SandboxManager:
                 raise Conflict(f"A template or snapshot named '{name}' already exists")
         async with self._lock(sandbox_id):
             snapshot = await self._make_snapshot(await self.get(sandbox_id), SNAPSHOT_PREFIX, name)
-        await self._event(sandbox_id, "info", "snapshot created", snapshot=snapshot.snapshot_id)
+        await self.log_event(sandbox_id, "info", "snapshot created", snapshot=snapshot.snapshot_id)
         return snapshot
 
     async def _make_snapshot(
@@ -576,7 +576,7 @@ class SandboxManager:
                 results.append(await self._create_from(info, alias, spec))
             except SandboxError as e:
                 results.append(e)
-        await self._event(sandbox_id, "info", "sandbox forked", count=str(count))
+        await self.log_event(sandbox_id, "info", "sandbox forked", count=str(count))
         await self._collect_fork_template(template.snapshot_id)
         return results
 
@@ -630,7 +630,11 @@ class SandboxManager:
             sandbox_id, since=since, limit=limit, newest_first=newest_first
         )
 
-    async def _event(self, sandbox_id: str, level: LogLevel, message: str, **fields: str) -> None:
+    async def log_event(
+        self, sandbox_id: str, level: LogLevel, message: str, **fields: str
+    ) -> None:
+        """Add to a sandbox's log (GET /sandboxes/{id}/logs); e.g. process start/exit from the
+        gateway. Never fails: a lost log line must not fail the operation it describes."""
         try:
             await self.registry.append_event(sandbox_id, level, message, fields)
         except Exception:
@@ -722,9 +726,9 @@ class SandboxManager:
         except Exception as e:
             await self.registry.update_sandbox(record.id, state="paused")
             message = f"jail of sandbox {record.id} was dead and could not be restarted: {e}"
-            await self._event(record.id, "error", message)
+            await self.log_event(record.id, "error", message)
             return [message + "; kept as paused"]
         await self.registry.update_sandbox(record.id, jail_handle=jail.handle)
         self._live[record.id] = LiveSandbox(replace(record, jail_handle=jail.handle), jail, info)
-        await self._event(record.id, "warn", "jail was dead after a restart; started a new one")
+        await self.log_event(record.id, "warn", "jail was dead after a restart; started a new one")
         return [f"restarted the dead jail of sandbox {record.id}"]
