@@ -10,6 +10,7 @@ is reaped, leaves the live table, and its end stays retained for `RETAIN_SECONDS
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import logging
@@ -111,12 +112,18 @@ def _not_found(selector: Selector) -> ProcessNotFound:
 class Subscription:
     """One watcher of a process's events: live output from now on, then exactly one `Ended`."""
 
-    def __init__(self, pid: int, on_drained: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        pid: int,
+        on_drained: Callable[[], None] | None = None,
+        on_close: Callable[[Subscription], None] | None = None,
+    ) -> None:
         self.pid = pid
         self._events: deque[Event] = deque()
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
-        self._on_drained = on_drained
+        self._on_drained = on_drained  # told when the backlog fell under half the budget
+        self._on_close = on_close
         self.closed = False
 
     @property
@@ -142,18 +149,20 @@ class Subscription:
                 self._waiter = None
         event = self._events.popleft()
         if isinstance(event, Output):
+            was_over = self._buffered >= SUBSCRIBER_BUFFER_BYTES // 2
             self._buffered -= len(event.data)
-            if self._on_drained is not None and self._buffered < SUBSCRIBER_BUFFER_BYTES // 2:
+            if was_over and self._buffered < SUBSCRIBER_BUFFER_BYTES // 2 and self._on_drained:
                 self._on_drained()
         return event
 
     def close(self) -> None:
         """Stop watching; the process keeps running."""
-        self.closed = True
-        self._events.clear()
-        self._buffered = 0
-        if self._on_drained is not None:
-            self._on_drained()
+        if not self.closed:
+            self.closed = True
+            self._events.clear()
+            self._buffered = 0
+            if self._on_close is not None:
+                self._on_close(self)
 
 
 class _FdReader:
@@ -316,9 +325,14 @@ class ManagedProcess(Generic[C]):
     # -- output ------------------------------------------------------------------------------
 
     def subscribe(self) -> Subscription:
-        subscription = Subscription(self.pid, self._maybe_resume)
+        subscription = Subscription(self.pid, self._maybe_resume, self._unsubscribe)
         self._subscribers.append(subscription)
         return subscription
+
+    def _unsubscribe(self, subscription: Subscription) -> None:
+        with contextlib.suppress(ValueError):
+            self._subscribers.remove(subscription)
+        self._maybe_resume()
 
     def _emitter(self, kind: OutputKind) -> Callable[[bytes], None]:
         def emit(data: bytes) -> None:
@@ -345,8 +359,8 @@ class ManagedProcess(Generic[C]):
                 reader.resume()
 
     def _maybe_resume(self) -> None:
-        self._subscribers = [s for s in self._subscribers if not s.closed]
-        if all(s.buffered_bytes < SUBSCRIBER_BUFFER_BYTES // 2 for s in self._subscribers):
+        limit = SUBSCRIBER_BUFFER_BYTES // 2
+        if self._paused and all(s.buffered_bytes < limit for s in self._subscribers):
             self._resume()
 
     def _pipe_read(self, fd: int) -> Callable[[], None]:
