@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -346,3 +347,55 @@ def test_result_mapping_quirks() -> None:
         "is_main_result": False,
     }
     assert result_item({"text/plain": "'"}, is_main_result=True)["text"] == "'"
+
+
+# -- the official Node SDK ---------------------------------------------------------------------
+
+NODE_DIR = Path(__file__).parent / "node"
+NODE_SCRIPT = """
+import { Sandbox } from '@e2b/code-interpreter'
+const [sandboxUrl, sandboxId] = process.argv.slice(1)
+const apiKey = 'e2b_' + '0'.repeat(40)
+const sandbox = new Sandbox({ sandboxId, sandboxUrl, envdVersion: '0.4.0', apiKey })
+const out = {}
+await sandbox.runCode('x = 42')
+out.text = (await sandbox.runCode('x')).text
+out.stdout = (await sandbox.runCode('print(x)')).logs.stdout
+out.error = (await sandbox.runCode('1/0')).error?.name
+out.env = (await sandbox.runCode("import os; os.environ['E']", { envs: { E: 'node' } })).text
+const bash = await sandbox.createCodeContext({ language: 'bash' })
+out.bash = (await sandbox.runCode('echo $((6 * 7))', { context: bash })).logs.stdout
+out.contexts = (await sandbox.listCodeContexts()).map((c) => c.language)
+try {
+  await sandbox.runCode('import time; time.sleep(30)', { timeoutMs: 1500 })
+  out.timedOut = false
+} catch (e) {
+  out.timedOut = true
+}
+out.after = (await sandbox.runCode('x + 1')).text
+console.log(JSON.stringify(out))
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_node_sdk(jails: Jails, gateway: RunningGateway) -> None:
+    view = jails.start()
+    proc = subprocess.run(
+        ["node", "--input-type=module", "-e", NODE_SCRIPT, gateway.url, view.sandbox_id],
+        cwd=NODE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {
+        "text": "42",
+        "stdout": ["42\n"],
+        "error": "ZeroDivisionError",
+        "env": "node",
+        "bash": ["42\n"],
+        "contexts": ["python", "bash"],
+        "timedOut": True,
+        "after": "43",
+    }
