@@ -31,10 +31,10 @@ from jupyter_client.connect import KernelConnectionInfo
 
 from coppice_api.jails.confined import ConfinedRoot
 from coppice_api.jails.runtime.base import (
-    ExecError,
     ExecSpec,
     ExitStatus,
     Jail,
+    JailError,
     JailProcess,
     ProcessNotFound,
     User,
@@ -275,15 +275,18 @@ class Kernel:
         """Start a kernel in `jail` and wait until it answers; KernelStartError if it does not."""
         info = _connection_info()
         connection_path = f"{KERNEL_DIR}/kernel-{kernel_id}.json"
-        await asyncio.to_thread(
-            _write_in_sandbox, jail.root, connection_path, json.dumps(info).encode(), user
-        )
-        if language.needs_bash_kernel:
-            await asyncio.to_thread(_install_bash_kernel, jail.root, user)
+        try:
+            await asyncio.to_thread(
+                _write_in_sandbox, jail.root, connection_path, json.dumps(info).encode(), user
+            )
+            if language.needs_bash_kernel:
+                await asyncio.to_thread(_install_bash_kernel, jail.root, user)
+        except OSError as err:
+            raise KernelStartError(f"cannot prepare the {language.name} kernel: {err}") from err
         argv: Sequence[str] = [*language.argv, "-f", connection_path]
         try:
             process = await jail.exec(ExecSpec(argv=argv, user=user, cwd=cwd, env=dict(env)))
-        except ExecError as err:
+        except JailError as err:  # ExecError, or the jail is gone
             await asyncio.to_thread(_remove_in_sandbox, jail.root, connection_path)
             raise KernelStartError(f"cannot start the {language.name} kernel: {err}") from err
         client = AsyncKernelClient(context=zmq_context)

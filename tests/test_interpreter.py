@@ -35,6 +35,7 @@ pytestmark = pytest.mark.slow
 
 TEMPLATE = "code-interpreter-v1"
 MiB = 1024 * 1024
+DEV_ROOTFS = Path("/var/cache/coppice-dev/base")
 
 
 @dataclass
@@ -291,6 +292,13 @@ def test_env_vars_apply_to_one_call(jails: Jails, gateway: RunningGateway) -> No
 def test_unsupported_language_is_a_clear_error(sandbox: Sandbox) -> None:
     with pytest.raises(Exception, match="no javascript kernel"):
         sandbox.run_code("1", language="js")
+
+
+def test_sandbox_without_ipykernel_answers_clearly(jails: Jails, gateway: RunningGateway) -> None:
+    jails.template_root = DEV_ROOTFS  # Debian with python3 but no ipykernel
+    sandbox = sdk(gateway, jails.start())
+    with pytest.raises(Exception, match=r"500.*python kernel did not start.*ipykernel"):
+        sandbox.run_code("1")
 
 
 # -- the wire, below the SDK -------------------------------------------------------------------
