@@ -359,14 +359,16 @@ async def _write_file(
     # One batch is written in a thread while the next one is received.
     writing: asyncio.Future[None] | None = None
     try:
-        batch = bytearray()
+        batch: list[bytes] = []
+        batched = 0
         async for chunk in data:
-            batch += chunk
-            if len(batch) >= CHUNK:
+            batch.append(chunk)
+            batched += len(chunk)
+            if batched >= CHUNK:
                 if writing is not None:
                     await writing
                 writing = asyncio.ensure_future(asyncio.to_thread(pending.write, batch))
-                batch = bytearray()
+                batch, batched = [], 0
         if writing is not None:
             await writing
         if batch:
