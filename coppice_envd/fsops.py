@@ -24,6 +24,8 @@ from coppice_api.jails.runtime.base import User
 from coppice_envd.entryinfo import METADATA_XATTR_PREFIX
 
 NEW_DIR_MODE = 0o755
+NEW_FILE_MODE = 0o644  # 0666 minus envd's usual umask 022
+_IOV_MAX = 1024
 _UPLOAD_SUFFIX = ".coppice-upload-"
 _UPLOAD_TEMP = re.compile(r"^\..*" + re.escape(_UPLOAD_SUFFIX) + r"[0-9a-f]{12}$", re.DOTALL)
 
@@ -31,8 +33,6 @@ _UPLOAD_TEMP = re.compile(r"^\..*" + re.escape(_UPLOAD_SUFFIX) + r"[0-9a-f]{12}$
 def is_upload_temp_name(name: str) -> bool:
     """Whether a file name is an upload still being written (see `begin_upload`)."""
     return _UPLOAD_TEMP.match(name) is not None
-NEW_FILE_MODE = 0o644
-_IOV_MAX = 1024  # 0666 minus envd's usual umask 022
 
 
 class NotADirectoryComponent(OSError):

@@ -181,9 +181,8 @@ def test_download(gateway: RunningGateway, root: Path) -> None:
     assert response.headers["content-disposition"] == "inline; filename=t.txt"
     assert response.headers["content-length"] == str(len(data))
     assert "content-encoding" not in response.headers
-    assert httpx.get(f"{gateway.url}/files", params={"path": "blob"}).headers[
-        "content-type"
-    ] == ("application/octet-stream")
+    blob = httpx.get(f"{gateway.url}/files", params={"path": "blob"})
+    assert blob.headers["content-type"] == "application/octet-stream"
     with httpx.Client() as client:
         raw = client.get(
             f"{gateway.url}/files",
@@ -341,7 +340,7 @@ def test_client_gone_mid_upload_loses_nothing(gateway: RunningGateway, root: Pat
         conn.sendall(
             b"POST /files?path=keep.txt HTTP/1.1\r\nHost: x\r\n"
             b"Content-Type: application/octet-stream\r\nContent-Length: 4000000\r\n\r\n"
-            + b"n" * 1_500_000
+            + bytes(1_500_000)
         )
         deadline = time.monotonic() + 10
         while not _uploads_in(target.parent) and time.monotonic() < deadline:
