@@ -1,4 +1,4 @@
-"""The Linux jail runtime, for real: namespaces, chroot, cgroups and coppice-init as PID 1."""
+"""The Linux jail runtime, for real: namespaces, pivot_root, cgroups and coppice-init as PID 1."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from coppice_api.jails.runtime.base import (
     ExecError,
     ExecSpec,
     ExitStatus,
+    JailError,
     Limits,
     ProcessNotFound,
     User,
@@ -315,6 +316,24 @@ async def test_exec_failures_are_errors_not_processes(jail: LinuxJail) -> None:
     assert (await sh(jail, "echo still fine")) == "still fine\n"
 
 
+@pytest.mark.parametrize(
+    ("argv", "env", "pty"),
+    [
+        ([], ENV, None),
+        (["echo", "a\0b"], ENV, None),
+        (["true"], {"A=B": "c"}, None),
+        (["true"], ENV, (0, 80)),
+        (["x" * 200_000], ENV, None),
+    ],
+)
+async def test_bad_exec_requests_are_refused(
+    jail: LinuxJail, argv: list[str], env: dict[str, str], pty: tuple[int, int] | None
+) -> None:
+    with pytest.raises(ExecError):
+        await jail.exec(ExecSpec(argv, ROOT_USER, "/", env, pty))
+    assert await sh(jail, "echo fine") == "fine\n"
+
+
 async def test_exit_by_signal_is_reported(jail: LinuxJail) -> None:
     process = await jail.exec(ExecSpec(["sleep", "1000"], ROOT_USER, "/", ENV))
     await process.signal(signal.SIGTERM)
@@ -473,6 +492,8 @@ async def test_stop_leaves_nothing(runtime: LinuxRuntime, jail: LinuxJail, data_
     assert not any(d.exists() for d in cgroup_dirs(jail.sandbox_id))
     assert not (data_dir / "run" / f"{jail.sandbox_id}.sock").exists()
     assert jail.sandbox_id not in await runtime.list_jails()
+    with pytest.raises(JailError, match="not running"):
+        await jail.exec(ExecSpec(["true"], ROOT_USER, "/", ENV))
     await jail.stop()  # idempotent
 
 
