@@ -236,7 +236,7 @@ attempt("mount", mount)
 
 
 async def test_root_in_the_jail_cannot_get_out(jail: LinuxJail) -> None:
-    """No user namespace, so root is real root: the ways out of a chroot must all be closed."""
+    """No user namespace, so root is real root: the ways out of a jail must all be closed."""
     status, out, err = await run(jail, ["python3", "-c", ESCAPE_ATTEMPTS])
     assert status == ExitStatus(0), err
     assert out.splitlines() == [

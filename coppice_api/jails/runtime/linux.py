@@ -1,4 +1,4 @@
-"""Linux jails: new mount/pid/uts/ipc namespaces, chroot into the sandbox root, cgroup limits.
+"""Linux jails: mount/pid/uts/ipc namespaces, the sandbox root as their only root, cgroup limits.
 
 Each jail's PID 1 is `coppice-init` (coppice_init.c, compiled on first use into
 `<data_dir>/libexec/`). It confines itself to the sandbox's cgroups, makes the namespaces, mounts
