@@ -472,3 +472,41 @@ def test_legacy_sdk_gets_trimmed_entries(gateway: RunningGateway, root: Path) ->
     }
     _, body = call(gateway, "Stat", {"path": "old.txt"})
     assert "permissions" in body["entry"]  # everyone else gets the full entry
+
+
+def _drain(gw: RunningGateway, watcher_id: str, count: int) -> list[tuple[str, str]]:
+    events: list[tuple[str, str]] = []
+    deadline = time.monotonic() + 10
+    while len(events) < count and time.monotonic() < deadline:
+        _, body = call(gw, "GetWatcherEvents", {"watcherId": watcher_id})
+        events += [(e["name"], e["type"]) for e in body.get("events", [])]
+    return events
+
+
+def test_recursive_watch_follows_renames_and_reports_its_own_removal(
+    gateway: RunningGateway, root: Path
+) -> None:
+    watched = root / "home/user/w"
+    (watched / "a").mkdir(parents=True)
+    _, body = call(gateway, "CreateWatcher", {"path": "/home/user/w", "recursive": True})
+    watcher_id = body["watcherId"]
+    (watched / "a").rename(watched / "b")
+    assert _drain(gateway, watcher_id, 2) == [
+        ("a", "EVENT_TYPE_RENAME"),
+        ("b", "EVENT_TYPE_CREATE"),
+    ]
+    (watched / "b/f").write_text("f")  # the moved directory's watch now reports under b/
+    assert _drain(gateway, watcher_id, 2) == [
+        ("b/f", "EVENT_TYPE_CREATE"),
+        ("b/f", "EVENT_TYPE_WRITE"),
+    ]
+    (watched / "b/f").unlink()
+    (watched / "b").rmdir()
+    watched.rmdir()
+    events = _drain(gateway, watcher_id, 3)
+    assert events == [
+        ("b/f", "EVENT_TYPE_REMOVE"),
+        ("b", "EVENT_TYPE_REMOVE"),
+        (".", "EVENT_TYPE_REMOVE"),
+    ]
+    assert call(gateway, "RemoveWatcher", {"watcherId": watcher_id}) == (200, {})
