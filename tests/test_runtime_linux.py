@@ -407,6 +407,28 @@ async def test_fork_bomb_hits_pids_limit_while_another_sandbox_works(
     assert await asyncio.wait_for(process.wait(), HANG) == ExitStatus(-9, signal.SIGKILL)
 
 
+async def test_shell_fork_bomb_is_contained_and_stopped(
+    runtime: LinuxRuntime, make_root: MakeRoot
+) -> None:
+    bombed = await runtime.start(new_id(), make_root(), Limits(pids=64))
+    other = await runtime.start(new_id(), make_root(), Limits())
+    bomb = await bombed.exec(ExecSpec(["bash", "-c", "b() { b | b & }; b"], ROOT_USER, "/", ENV))
+    for fd in (bomb.stdin_fd, bomb.stdout_fd, bomb.stderr_fd):
+        assert fd is not None
+        os.close(fd)
+
+    async def at_limit() -> None:
+        while (await bombed.stats()).pids < 64:  # noqa: ASYNC110 - polling the cgroup
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(at_limit(), HANG)
+    assert await sh(other, "echo unaffected") == "unaffected\n"
+    await bombed.stop()
+    assert processes_rooted_at(bombed.root) == []
+    assert not any(d.exists() for d in cgroup_dirs(bombed.sandbox_id))
+    await asyncio.wait_for(bomb.wait(), HANG)
+
+
 async def test_memory_hog_is_oom_killed_inside_its_limit(
     runtime: LinuxRuntime, make_root: MakeRoot
 ) -> None:
