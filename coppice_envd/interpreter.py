@@ -546,6 +546,9 @@ class Interpreter:
             await contexts.close()
 
     async def close(self) -> None:
+        """Stop every kernel (the gateway's lifespan shutdown calls this too; twice is fine)."""
+        if self._zmq.closed:
+            return
         for sandbox_id in list(self._sandboxes):
             await self.sandbox_stopped(sandbox_id)
         loop = asyncio.get_running_loop()

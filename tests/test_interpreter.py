@@ -65,7 +65,8 @@ class Jails:
         options = f"lowerdir={self.template_root},upperdir={upper},workdir={work}"
         subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, merged], check=True)
         self.mounts.append(merged)
-        limits = Limits(memory_bytes=memory_bytes, cpu_millicores=None, pids=1024)
+        # One core: a busy kernel (`while True`) must not starve the gateway on a 2-core machine.
+        limits = Limits(memory_bytes=memory_bytes, cpu_millicores=1000, pids=1024)
         jail = self.loop.run_until_complete(self.runtime.start(sandbox_id, merged, limits))
         self.jails.append(jail)
         view = SandboxView(
