@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
+
 from coppice_api.jails.manager import SandboxManager
 from coppice_api.jails.registry import Registry
 from coppice_api.jails.runtime.base import ExecSpec, Jail, JailProcess, JailStats, Limits, Runtime
@@ -213,3 +215,13 @@ async def install_dev_rootfs_template(data_dir: Path, storage: Storage) -> None:
     await asyncio.to_thread(metadata.parent.mkdir, parents=True, exist_ok=True)
     await asyncio.to_thread(metadata.write_text, info.to_json())
     await storage.add_template("base", copy)
+
+
+@pytest.fixture(scope="session")
+def warm_python_sdk() -> None:
+    """Make the Python SDK's first HTTP client here, off any event loop: its one-time setup
+    holds the GIL long enough to stall a loop running the service in the same process."""
+    from e2b.api.client_sync import get_api_client
+    from e2b.connection_config import ConnectionConfig
+
+    get_api_client(ConnectionConfig(api_key="e2b_warmup", api_url="http://127.0.0.1:9"))

@@ -18,10 +18,12 @@ from typing import ParamSpec, TypeVar
 import pytest
 from e2b import Sandbox, SandboxQuery, SandboxState
 from e2b.exceptions import SandboxException
-from manager_fixtures import Backends
+from manager_fixtures import Backends, warm_python_sdk  # noqa: F401
 
 from coppice_api.jails.manager import SandboxManager
 from coppice_api.rest.app import bound_port, build_app, start_api
+
+pytestmark = pytest.mark.usefixtures("warm_python_sdk")
 
 KEY = "e2b_" + "cd" * 20
 DOMAIN = "coppice.lan"

@@ -15,7 +15,11 @@ from pathlib import Path
 
 import pytest
 from e2b import Sandbox
-from manager_fixtures import DEV_ROOTFS, install_dev_rootfs_template
+from manager_fixtures import (  # noqa: F401
+    DEV_ROOTFS,
+    install_dev_rootfs_template,
+    warm_python_sdk,
+)
 
 from coppice_api.jails.manager import CreateSpec, NotFound, SandboxManager
 from coppice_api.jails.registry import Registry, SandboxQuery
@@ -169,6 +173,7 @@ async def test_pause_freezes_a_loop_and_connect_resumes_it(real: Real) -> None:
         await exec_task  # the loop dies with its jail
 
 
+@pytest.mark.usefixtures("warm_python_sdk")
 async def test_python_sdk_over_the_real_backends(
     real: Real, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -17,7 +17,7 @@ import re
 import secrets
 import string
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -216,6 +216,14 @@ class SandboxManager:
     def _lock(self, sandbox_id: str) -> asyncio.Lock:
         return self._locks.setdefault(sandbox_id, asyncio.Lock())
 
+    @contextlib.asynccontextmanager
+    async def _locked(self, sandbox_id: str) -> AsyncIterator[SandboxRecord]:
+        """Hold the sandbox's lock and yield its current record; NotFound for unknown ids,
+        which get no lock (so made-up ids cannot grow the lock table)."""
+        await self.get(sandbox_id)
+        async with self._lock(sandbox_id):
+            yield await self.get(sandbox_id)
+
     # Templates -------------------------------------------------------------------------------
     async def _resolve_template(self, name: str) -> TemplateInfo:
         """The template for a template name, alias, or snapshot id or name."""
@@ -355,21 +363,29 @@ class SandboxManager:
 
     # Kill and timeouts -----------------------------------------------------------------------
     async def kill(self, sandbox_id: str) -> None:
-        async with self._lock(sandbox_id):
-            record = await self.get(sandbox_id)
-            try:
-                jail = await self._jail_of(record)
-                if jail is not None:
-                    await jail.stop()
-                else:
-                    await self.runtime.destroy_leftover(sandbox_id)
-                self._live.pop(sandbox_id, None)
-                await self.storage.destroy(sandbox_id)
-                await self.registry.delete_sandbox(sandbox_id)
-            except Exception as e:
-                raise OperationFailed(f"Killing sandbox {sandbox_id} failed: {e}") from e
-        self._locks.pop(sandbox_id, None)
-        self._cpu_samples.pop(sandbox_id, None)
+        async with self._locked(sandbox_id) as record:
+            await self._kill_locked(record)
+        await self._forget(record)
+
+    async def _kill_locked(self, record: SandboxRecord) -> None:
+        """Stop the jail, destroy the root, drop the record (in that order: a failure half-way
+        leaves a record that a retried kill finishes)."""
+        try:
+            jail = await self._jail_of(record)
+            if jail is not None:
+                await jail.stop()
+            else:
+                await self.runtime.destroy_leftover(record.id)
+            self._live.pop(record.id, None)
+            await self.storage.destroy(record.id)
+            await self.registry.delete_sandbox(record.id)
+        except Exception as e:
+            raise OperationFailed(f"Killing sandbox {record.id} failed: {e}") from e
+
+    async def _forget(self, record: SandboxRecord) -> None:
+        """Drop what a killed sandbox left in memory, and its fork template once unused."""
+        self._locks.pop(record.id, None)
+        self._cpu_samples.pop(record.id, None)
         await self._collect_fork_template(record.template)
 
     async def _set_end(self, record: SandboxRecord, end_at: float) -> SandboxRecord:
@@ -384,14 +400,12 @@ class SandboxManager:
         if seconds < 0:
             raise InvalidArgument("timeout: must not be negative")
         seconds = min(seconds, self.max_timeout)
-        async with self._lock(sandbox_id):
-            record = await self.get(sandbox_id)
+        async with self._locked(sandbox_id) as record:
             return await self._set_end(record, self._clock() + seconds)
 
     async def refresh(self, sandbox_id: str, seconds: int) -> SandboxRecord:
         """The end time becomes now + seconds, only if that is later."""
-        async with self._lock(sandbox_id):
-            record = await self.get(sandbox_id)
+        async with self._locked(sandbox_id) as record:
             end = max(record.end_at, self._clock() + min(seconds, self.max_timeout))
             return await self._set_end(record, end)
 
@@ -402,11 +416,11 @@ class SandboxManager:
 
     # Pause and resume ------------------------------------------------------------------------
     async def pause(self, sandbox_id: str) -> SandboxRecord:
-        async with self._lock(sandbox_id):
-            return await self._pause_locked(sandbox_id)
+        async with self._locked(sandbox_id) as record:
+            return await self._pause_locked(record)
 
-    async def _pause_locked(self, sandbox_id: str) -> SandboxRecord:
-        record = await self.get(sandbox_id)
+    async def _pause_locked(self, record: SandboxRecord) -> SandboxRecord:
+        sandbox_id = record.id
         if record.state == "paused":
             raise Conflict(f"Error pausing sandbox - sandbox '{sandbox_id}' is already paused")
         jail = await self._jail_of(record)
@@ -427,8 +441,7 @@ class SandboxManager:
     async def connect(self, sandbox_id: str, timeout_seconds: int) -> ConnectResult:
         """Running: extend the end time to now + timeout if later. Paused: resume it."""
         self._check_timeout(timeout_seconds)
-        async with self._lock(sandbox_id):
-            record = await self.get(sandbox_id)
+        async with self._locked(sandbox_id) as record:
             if record.state == "running":
                 end = max(record.end_at, self._clock() + timeout_seconds)
                 return ConnectResult(await self._set_end(record, end), resumed=False)
@@ -436,8 +449,7 @@ class SandboxManager:
 
     async def resume(self, sandbox_id: str, timeout_seconds: int) -> SandboxRecord:
         self._check_timeout(timeout_seconds)
-        async with self._lock(sandbox_id):
-            record = await self.get(sandbox_id)
+        async with self._locked(sandbox_id) as record:
             if record.state == "running":
                 raise Conflict(f"Sandbox {sandbox_id} is already running")
             return await self._resume_locked(record, timeout_seconds)
@@ -499,8 +511,8 @@ class SandboxManager:
                 )
             if await self._template_exists(name):
                 raise Conflict(f"A template or snapshot named '{name}' already exists")
-        async with self._lock(sandbox_id):
-            snapshot = await self._make_snapshot(await self.get(sandbox_id), SNAPSHOT_PREFIX, name)
+        async with self._locked(sandbox_id) as record:
+            snapshot = await self._make_snapshot(record, SNAPSHOT_PREFIX, name)
         await self.log_event(sandbox_id, "info", "snapshot created", snapshot=snapshot.snapshot_id)
         return snapshot
 
@@ -556,8 +568,7 @@ class SandboxManager:
         if not 1 <= count <= 100:
             raise InvalidArgument("count: must be between 1 and 100")
         self._check_timeout(timeout_seconds)
-        async with self._lock(sandbox_id):
-            parent = await self.get(sandbox_id)
+        async with self._locked(sandbox_id) as parent:
             template = await self._make_snapshot(parent, FORK_PREFIX, None)
         info = await self._resolve_template(template.snapshot_id)
         spec = CreateSpec(
@@ -644,25 +655,23 @@ class SandboxManager:
     async def reap_due(self) -> list[str]:
         """End every running sandbox whose end time has passed (kill, or pause if autoPause)."""
         ended: list[str] = []
-        for record in await self.registry.due_sandboxes(self._clock()):
+        for due in await self.registry.due_sandboxes(self._clock()):
             try:
-                if record.auto_pause:
-                    async with self._lock(record.id):
-                        current = await self.registry.get_sandbox(record.id)
-                        if current is None or current.end_at > self._clock():
-                            continue
-                        if current.state == "running":
-                            await self._pause_locked(record.id)
-                else:
-                    current = await self.registry.get_sandbox(record.id)
-                    if current is None or current.end_at > self._clock():
+                async with self._locked(due.id) as record:
+                    # The end time may have moved, or the sandbox paused, meanwhile.
+                    if record.state != "running" or record.end_at > self._clock():
                         continue
-                    await self.kill(record.id)
+                    if record.auto_pause:
+                        await self._pause_locked(record)
+                    else:
+                        await self._kill_locked(record)
+                if not record.auto_pause:
+                    await self._forget(record)
                 ended.append(record.id)
             except NotFound:
                 continue  # killed meanwhile
             except Exception:
-                log.exception("reaper could not end sandbox %s", record.id)
+                log.exception("reaper could not end sandbox %s", due.id)
         return ended
 
     async def _reap_forever(self) -> None:
