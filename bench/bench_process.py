@@ -7,7 +7,10 @@ SDK runs in a child process, as a real client would. Measures, p50/p95 over N se
   * floor: a plain host spawn of /bin/true, and a raw `Jail.exec` of /bin/true;
   * a raw `Jail.exec` of what `commands.run("true")` really runs (`/bin/bash -l -c true` as
     `user`) — the floor of the SDK number;
+  * the same Start called on the ProcessService object (no HTTP, no SDK);
   * `sandbox.commands.run("true")` with the sync Python SDK (target p50 <= 8 ms);
+  * the same against a stand-in jail whose processes take no time: the cost of SDK, HTTP,
+    gateway and service alone;
 and then S concurrent `commands.run` streams with the async SDK, checking none is lost.
 Needs root.
 """
@@ -29,27 +32,89 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from connectrpc.method import IdempotencyLevel, MethodInfo
+from connectrpc.request import Headers, RequestContext
 from e2b import AsyncSandbox, Sandbox
+from process import process_pb2 as pb
 
-from coppice_api.jails.runtime.base import ExecSpec, Jail, JailProcess, Limits, User
+from coppice_api.jails.runtime.base import (
+    ExecSpec,
+    ExitStatus,
+    Jail,
+    JailProcess,
+    JailStats,
+    Limits,
+    ProcessNotFound,
+    User,
+)
 from coppice_api.jails.runtime.linux import LinuxRuntime
 from coppice_envd.app import build_gateway, serve_gateway
 from coppice_envd.process import DEFAULT_PATH, ProcessService
+from coppice_envd.routing import RequestScope, enter_request
 from coppice_envd.sandboxes import SandboxLookup, SandboxView
 
 ROOT = User("root", 0, 0, "/root", (0,))
 USER = User("user", 1000, 1000, "/home/user", (1000,))
 
 
-class OneSandbox(SandboxLookup):
-    def __init__(self, view: SandboxView) -> None:
-        self.view = view
+class Sandboxes(SandboxLookup):
+    def __init__(self, *views: SandboxView) -> None:
+        self.views = {view.sandbox_id: view for view in views}
 
     def get(self, sandbox_id: str) -> SandboxView | None:
-        return self.view if sandbox_id == self.view.sandbox_id else None
+        return self.views.get(sandbox_id)
 
     def most_recent(self) -> SandboxView | None:
-        return self.view
+        return next(iter(self.views.values()))
+
+
+class FinishedProcess(JailProcess):
+    """A process that has already run: its output is written and its pipes are closed."""
+
+    def __init__(self) -> None:
+        self.pid = 4242
+        stdin_r, self.stdin_fd = os.pipe()
+        self.stdout_fd, stdout_w = os.pipe()
+        self.stderr_fd, stderr_w = os.pipe()
+        self.pty_fd = None
+        for fd in (stdin_r, stdout_w, stderr_w):
+            os.close(fd)
+
+    async def wait(self) -> ExitStatus:
+        return ExitStatus(0)
+
+    async def signal(self, signum: int) -> None:
+        raise ProcessNotFound("it has exited")
+
+
+class InstantJail(Jail):
+    """Another jail's root, whose processes take no time: what is left is our stack's cost."""
+
+    def __init__(self, real: Jail) -> None:
+        self.sandbox_id = "instant"
+        self.root = real.root
+        self.handle = "instant"
+
+    async def exec(self, spec: ExecSpec) -> JailProcess:
+        return FinishedProcess()
+
+    async def signal(self, pid: int, signum: int) -> None:
+        raise ProcessNotFound(str(pid))
+
+    async def freeze(self) -> None:
+        pass
+
+    async def thaw(self) -> None:
+        pass
+
+    async def stats(self) -> JailStats:
+        return JailStats(0, 0, None, 0)
+
+    def is_alive(self) -> bool:
+        return True
+
+    async def stop(self) -> None:
+        pass
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -78,6 +143,27 @@ async def jail_run(jail: Jail, spec: ExecSpec) -> None:
     process = await jail.exec(spec)
     await process.wait()
     close_fds(process)
+
+
+async def service_run(service: ProcessService, view: SandboxView, request: pb.StartRequest) -> None:
+    """One Start called on the service object itself: no HTTP, no SDK."""
+    enter_request(RequestScope(sandbox=view, basic_user=None))
+    method = MethodInfo(
+        name="Start",
+        service_name="process.Process",
+        input=pb.StartRequest,
+        output=pb.StartResponse,
+        idempotency_level=IdempotencyLevel.UNKNOWN,
+    )
+    ctx = RequestContext(
+        method=method,
+        http_method="POST",
+        request_headers=Headers({"keepalive-ping-interval": "50"}),
+        timeout_ms=60_000,
+    )
+    async for response in service.start(request, ctx):
+        if response.event.HasField("end") and response.event.end.exit_code != 0:
+            raise SystemExit("the command failed")
 
 
 def sdk_sequential(url: str, sandbox_id: str, runs: int) -> list[float]:
@@ -148,6 +234,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rootfs", type=Path, default=Path("/var/cache/coppice-dev/base"))
     parser.add_argument("--runs", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--streams", type=int, default=200)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="coppice-bench-process-"))
@@ -164,40 +251,55 @@ async def main() -> None:
             USER.home,
             login_env,
         )
-        for _ in range(20):
-            await host_true()
-            await jail_run(jail, raw_true)
-            await jail_run(jail, raw_login)
-        host = [await timed(host_true) for _ in range(args.runs)]
-        in_jail = [await timed(lambda: jail_run(jail, raw_true)) for _ in range(args.runs)]
-        login = [await timed(lambda: jail_run(jail, raw_login)) for _ in range(args.runs)]
-
         view = SandboxView(sandbox_id=sandbox_id, jail=jail, access_token=None)
+        instant = SandboxView(sandbox_id="instant", jail=InstantJail(jail), access_token=None)
         service = ProcessService()
+        sdk_request = pb.StartRequest(
+            process=pb.ProcessConfig(cmd="/bin/bash", args=["-l", "-c", "true"]), stdin=False
+        )
+        measures: dict[str, Callable[[], Awaitable[object]]] = {
+            "host": host_true,
+            "jail": lambda: jail_run(jail, raw_true),
+            "login": lambda: jail_run(jail, raw_login),
+            "direct": lambda: service_run(service, view, sdk_request),
+        }
+        samples: dict[str, list[float]] = {name: [] for name in [*measures, "sdk", "stack"]}
+        for measure in measures.values():
+            for _ in range(20):
+                await measure()
         listener = socket.socket()
         listener.bind(("127.0.0.1", 0))
         listener.listen(1024)
         url = f"http://127.0.0.1:{listener.getsockname()[1]}"
         stopping = asyncio.Event()
-        app = build_gateway(OneSandbox(view), process=service)
+        app = build_gateway(Sandboxes(view, instant), process=service)
         server = asyncio.create_task(
             serve_gateway(app, sockets=[listener], shutdown_trigger=stopping.wait)
         )
         try:
-            sdk: list[float] = await run_client("sequential", url, sandbox_id, args.runs)
+            # Rounds, so that the load of this shared machine drifting affects every row alike.
+            per_round = max(1, args.runs // args.rounds)
+            for _ in range(args.rounds):
+                for name, measure in measures.items():
+                    samples[name] += [await timed(measure) for _ in range(per_round)]
+                samples["sdk"] += await run_client("sequential", url, sandbox_id, per_round)
+                samples["stack"] += await run_client("sequential", url, "instant", per_round)
             concurrent = await run_client("concurrent", url, sandbox_id, args.streams)
         finally:
             stopping.set()
             await server
             listener.detach()  # hypercorn closed it
+        host, in_jail, login, direct, sdk, stack = (samples[name] for name in samples)
 
         print(f"{'ms (n)':<44} {'p50':>8} {'p95':>8}   target")
         print(row(f"host spawn /bin/true ({len(host)})", host, "floor"))
         print(row(f"Jail.exec /bin/true ({len(in_jail)})", in_jail, "floor"))
         print(row(f"Jail.exec bash -l -c true as user ({len(login)})", login, "SDK's floor"))
+        print(row(f"ProcessService.start, same command ({len(direct)})", direct, "no HTTP/SDK"))
         print(row(f"SDK commands.run('true') ({len(sdk)})", sdk, "p50 <= 8 ms"))
         overhead = statistics.median(sdk) - statistics.median(login)
         print(f"{'  SDK p50 - its floor p50':<44} {overhead:>8.2f}")
+        print(row(f"SDK commands.run, a process taking 0 s ({len(stack)})", stack, "our stack"))
         complete = int(concurrent["complete"])
         print(
             f"{args.streams} concurrent commands.run streams (async SDK): {complete} complete, "
