@@ -571,7 +571,7 @@ async def test_destroy_leftover_of_a_jail_without_record(
 
 # Runs start() but stops forever at a chosen point, to be SIGKILLed there like a crashed service.
 START_AND_HANG = """
-import asyncio, sys, time
+import asyncio, subprocess, sys, time
 from pathlib import Path
 from coppice_api.jails.runtime import linux
 from coppice_api.jails.runtime.base import Limits
@@ -586,14 +586,13 @@ if stage == "cgroups":
         time.sleep(1000)
     runtime._prepare = hang_after_prepare
 else:
-    spawn = asyncio.create_subprocess_exec
-    async def hang_after_spawn(*args, **kwargs):
-        process = await spawn(*args, **kwargs)
+    def hang_after_spawn(argv):
+        init = subprocess.Popen(argv, stdout=subprocess.PIPE)
         if stage == "ready":
-            await process.stdout.readline()  # the jail is up
+            init.stdout.readline()  # the jail is up
         print("reached", flush=True)
-        await asyncio.sleep(1000)
-    linux.asyncio.create_subprocess_exec = hang_after_spawn
+        time.sleep(1000)
+    linux._run_init = hang_after_spawn
 asyncio.run(runtime.start(sys.argv[2], Path(sys.argv[3]), Limits()))
 """
 

@@ -80,40 +80,15 @@ class LinuxRuntime(Runtime):
         socket_path = self._socket_path(sandbox_id)
         root = await asyncio.to_thread(root.resolve)
         await asyncio.to_thread(self._prepare, cgroups, socket_path, limits)
-        process: asyncio.subprocess.Process | None = None
+        argv = [str(init), str(root), sandbox_id, str(socket_path)]
+        argv += [str(p) for p in cgroups.procs_files]
         try:
-            process = await asyncio.create_subprocess_exec(
-                str(init),
-                str(root),
-                sandbox_id,
-                str(socket_path),
-                *(str(p) for p in cgroups.procs_files),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
-            out, err = await asyncio.wait_for(process.communicate(), START_TIMEOUT_SECONDS)
-            if process.returncode != 0:
-                raise JailError(f"jail {sandbox_id} did not start: {err.decode().strip()}")
-            init_process = await asyncio.to_thread(_InitProcess.of_pid, int(out))
-            if init_process is None:
-                raise JailError(f"jail {sandbox_id} died right after starting")
+            # In a thread: nothing forks on the event loop, and no child watcher is involved.
+            init_process = await asyncio.to_thread(_run_init, argv)
         except BaseException:
-            await asyncio.shield(self._undo_start(process, cgroups, socket_path))
+            await asyncio.shield(asyncio.to_thread(_teardown, None, cgroups, socket_path))
             raise
         return LinuxJail(sandbox_id, root, init_process, cgroups, socket_path)
-
-    async def _undo_start(
-        self,
-        process: asyncio.subprocess.Process | None,
-        cgroups: SandboxCgroups,
-        socket_path: Path,
-    ) -> None:
-        if process is not None and process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
-        await asyncio.to_thread(_teardown, None, cgroups, socket_path)
 
     def _prepare(self, cgroups: SandboxCgroups, socket_path: Path, limits: Limits) -> None:
         # The socket path is claimed first (init replaces the placeholder with the socket) and
@@ -205,6 +180,26 @@ def _build_init(libexec: Path) -> Path:
         raise JailError(f"cannot compile {INIT_SOURCE.name}: {result.stderr.strip()}")
     partial.rename(binary)  # atomic: a concurrent builder's result is identical
     return binary
+
+
+def _run_init(argv: list[str]) -> _InitProcess:
+    """Start coppice-init; it returns once the jail is ready, printing the jail's host pid."""
+    try:
+        started = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=START_TIMEOUT_SECONDS,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise JailError(f"jail {argv[2]} did not start within {START_TIMEOUT_SECONDS} s") from None
+    if started.returncode != 0:
+        raise JailError(f"jail {argv[2]} did not start: {started.stderr.decode().strip()}")
+    init = _InitProcess.of_pid(int(started.stdout))
+    if init is None:
+        raise JailError(f"jail {argv[2]} died right after starting")
+    return init
 
 
 @dataclass(frozen=True)
