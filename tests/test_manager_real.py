@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -24,6 +25,7 @@ from manager_fixtures import (  # noqa: F401
 from coppice_api.jails.manager import CreateSpec, NotFound, SandboxManager
 from coppice_api.jails.registry import Registry, SandboxQuery
 from coppice_api.jails.runtime.base import ExecSpec, Jail, User
+from coppice_api.jails.runtime.cgroups import CgroupLayout
 from coppice_api.jails.runtime.linux import LinuxRuntime
 from coppice_api.jails.storage.overlay import OverlayStorage
 from coppice_api.jails.templates import TemplateStore
@@ -205,3 +207,53 @@ async def test_paused_sandbox_survives_a_restart(real: Real) -> None:
         assert live is not None
         assert await sh(live.jail, "true") == 0
         await manager.kill(record.id)
+
+
+CRASHING_CREATE = """
+import asyncio, sys
+from pathlib import Path
+from coppice_api.jails.manager import CreateSpec, SandboxManager
+from coppice_api.jails.registry import Registry
+from coppice_api.jails.runtime.linux import LinuxRuntime
+from coppice_api.jails.storage.overlay import OverlayStorage
+from coppice_api.jails.templates import TemplateStore
+
+class StuckRegistry(Registry):
+    async def insert_sandbox(self, record):
+        print(record.id, flush=True)  # clone and jail are made: the parent kills us now
+        await asyncio.Event().wait()
+
+async def main(data_dir):
+    storage = OverlayStorage(data_dir / "overlay")
+    registry = await StuckRegistry.open(data_dir)
+    manager = SandboxManager(
+        registry, storage, LinuxRuntime(data_dir), TemplateStore(data_dir, storage)
+    )
+    await manager.create(CreateSpec(template="base"))
+
+asyncio.run(main(Path(sys.argv[1])))
+"""
+
+
+async def test_kill_9_during_create_then_restart_leaves_no_orphans(real: Real) -> None:
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        CRASHING_CREATE,
+        str(real.data_dir),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert child.stdout is not None
+    sandbox_id = (await child.stdout.readline()).decode().strip()
+    assert sandbox_id, "the crashing create did not get as far as the record"
+    runtime = LinuxRuntime(real.data_dir)
+    assert sandbox_id in await real.storage.list_sandboxes()
+    assert sandbox_id in await runtime.list_jails()
+    child.kill()
+    await child.wait()
+
+    async with real.manager() as manager:
+        assert await real.storage.list_sandboxes() == []
+        assert await runtime.list_jails() == []
+        assert (await manager.list_sandboxes(SandboxQuery())).items == []
+    assert not await asyncio.to_thread(lambda: CgroupLayout.detect().sandbox(sandbox_id).exists())
