@@ -846,13 +846,21 @@ async def test_http_disconnect_keeps_the_process(
     client: tuple[process_connect.ProcessClient, ProcessService],
 ) -> None:
     rpc, _ = client
-    stream = rpc.start(start_request("sleep 0.5; head -c 4194304 /dev/zero; exit 6"))
+    # Output flows from the start and far exceeds every buffer: the process only finishes if
+    # the server lets go of the departed client and drops what nobody reads.
+    stream = rpc.start(start_request("head -c 67108864 /dev/zero; exit 6"))
     pid = (await first_event(stream)).start.pid
+    await anext(stream)  # some output is in flight
     await stream.aclose()  # type: ignore[attr-defined]
+    for _ in range(3000):  # up to 30 s: a hang guard, not a speed check
+        if not (await rpc.list(pb.ListRequest())).processes:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        pytest.fail("the process blocked after its client went away")
     result = await collect(rpc.connect(connect_pid(pid)))
+    assert result.kinds == ["start", "end"]
     assert result.end.exit_code == 6
-    listed = await rpc.list(pb.ListRequest())
-    assert list(listed.processes) == []
 
 
 async def test_http_timeout_kills(
