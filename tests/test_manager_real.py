@@ -257,3 +257,28 @@ async def test_kill_9_during_create_then_restart_leaves_no_orphans(real: Real) -
         assert await runtime.list_jails() == []
         assert (await manager.list_sandboxes(SandboxQuery())).items == []
     assert not await asyncio.to_thread(lambda: CgroupLayout.detect().sandbox(sandbox_id).exists())
+
+
+async def test_snapshot_and_fork_carry_the_parents_files(real: Real) -> None:
+    async with real.manager() as manager:
+        parent = await manager.create(CreateSpec(template="base"))
+        live = manager.get_live(parent.id)
+        assert live is not None
+        assert await sh(live.jail, "echo from-parent > /home/user/mark") == 0
+
+        snapshot = await manager.snapshot(parent.id, "marked")
+        child = await manager.create(CreateSpec(template="marked"))
+        forks = await manager.fork(parent.id, 1, 60)
+        fork = forks[0]
+        assert not isinstance(fork, Exception)
+        for record in (child, fork):
+            mark = Path(record.storage_ref) / "home/user/mark"
+            assert await asyncio.to_thread(mark.read_text) == "from-parent\n"
+            live_child = manager.get_live(record.id)
+            assert live_child is not None
+            assert live_child.template.user == "user"  # inherited template defaults
+
+        for record in (child, fork, parent):
+            await manager.kill(record.id)
+        await manager.delete_template(snapshot.snapshot_id)
+        assert await real.storage.list_templates() == ["base"]
