@@ -298,7 +298,7 @@ def test_unsupported_language_is_a_clear_error(sandbox: Sandbox) -> None:
 def test_sandbox_without_ipykernel_answers_clearly(jails: Jails, gateway: RunningGateway) -> None:
     jails.template_root = DEV_ROOTFS  # Debian with python3 but no ipykernel
     sandbox = sdk(gateway, jails.start())
-    with pytest.raises(Exception, match=r"500.*python kernel did not start.*ipykernel"):
+    with pytest.raises(Exception, match=r"(?s)500.*python kernel did not start.*ipykernel"):
         sandbox.run_code("1")
 
 
