@@ -93,6 +93,13 @@ def keepalive_interval(headers: Headers) -> float:
     return seconds if seconds > 0 else DEFAULT_KEEPALIVE_SECONDS
 
 
+def process_timeout(headers: Headers) -> float | None:
+    """Seconds a started process may live: envd reads only `Connect-Timeout-Ms` for this (the
+    RPC deadline of gRPC clients bounds their stream, not the process)."""
+    value = headers.get("connect-timeout-ms", "")
+    return int(value) / 1000 if value.isdigit() and len(value) <= 10 else None
+
+
 def _selector(message: pb.ProcessSelector) -> Selector:
     which = message.WhichOneof("selector")
     if which == "pid":
@@ -183,7 +190,7 @@ class ProcessService:
         original = pb.ProcessConfig()
         original.CopyFrom(config)
         table = self.table(scope.sandbox)
-        timeout_ms = ctx.timeout_ms
+        kill_after = process_timeout(ctx.request_headers)
 
         async def start(argv: list[str]) -> Subscription:
             return await table.start(
@@ -191,7 +198,7 @@ class ProcessService:
                 config=original,
                 tag=request.tag if request.HasField("tag") else None,
                 stdin=request.stdin if request.HasField("stdin") else True,
-                kill_after=None if timeout_ms is None else max(timeout_ms, 0) / 1000,
+                kill_after=kill_after,
             )
 
         argv = [config.cmd, *config.args]

@@ -195,10 +195,13 @@ def context(
         output=pb.StartResponse,
         idempotency_level=IdempotencyLevel.UNKNOWN,
     )
+    request_headers = Headers(headers or {})
+    if timeout_ms is not None:  # as the Connect protocol carries it
+        request_headers["connect-timeout-ms"] = str(timeout_ms)
     return RequestContext(
         method=info,
         http_method="POST",
-        request_headers=Headers(headers or {}),
+        request_headers=request_headers,
         timeout_ms=timeout_ms,
     )
 
@@ -406,6 +409,21 @@ async def test_timeout_kills_the_process_and_ends_with_deadline_exceeded(
     end = await collect(service.connect(connect_pid(start.start.pid), context("Connect")))
     assert end.end.status == "signal: killed"
     assert table.processes() == []
+
+
+async def test_only_connect_timeout_bounds_the_process(service: ProcessService) -> None:
+    # A gRPC client's deadline (grpc-timeout) ends its stream; as in envd it does not kill.
+    ctx = context("Start")
+    grpc_ctx = RequestContext(
+        method=ctx.method, http_method="POST", request_headers=Headers(), timeout_ms=200
+    )
+    stream = service.start(start_request("sleep 30"), grpc_ctx)
+    pid = (await first_event(stream)).start.pid
+    with pytest.raises(ConnectError) as caught:
+        await collect_rest(stream)
+    assert caught.value.code == Code.DEADLINE_EXCEEDED
+    listed = (await service.list(pb.ListRequest(), context("List"))).processes
+    assert [p.pid for p in listed] == [pid]
 
 
 async def collect_rest(stream: AsyncIterator[Any]) -> list[pb.ProcessEvent]:
