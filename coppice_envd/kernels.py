@@ -46,6 +46,7 @@ KERNEL_DIR = "/run/coppice"  # in the sandbox: connection files and the bash ker
 READY_TIMEOUT = 60.0  # a cold kernel in a jail on a busy machine takes seconds, not minutes
 SHUTDOWN_GRACE = 1.0  # after a shutdown_request, before SIGKILL
 _LAST_WORDS_SECONDS = 0.05
+_PORT_ATTEMPTS = 3
 _OUTPUT_TAIL = 4096  # bytes of the kernel's own stdout/stderr kept to explain a failed start
 _BASH_KERNEL_FILE = "bash_kernel.py"
 
@@ -299,6 +300,36 @@ class Kernel:
         zmq_context: zmq.asyncio.Context,
     ) -> Kernel:
         """Start a kernel in `jail` and wait until it answers; KernelStartError if it does not."""
+        attempt = 1
+        while True:
+            try:
+                return await cls._start(
+                    jail,
+                    kernel_id=kernel_id,
+                    language=language,
+                    user=user,
+                    cwd=cwd,
+                    env=env,
+                    zmq_context=zmq_context,
+                )
+            except KernelStartError as err:
+                # The free ports we picked can be taken before the kernel binds them: pick again.
+                if "Address already in use" not in str(err) or attempt == _PORT_ATTEMPTS:
+                    raise
+                attempt += 1
+
+    @classmethod
+    async def _start(
+        cls,
+        jail: Jail,
+        *,
+        kernel_id: str,
+        language: KernelLanguage,
+        user: User,
+        cwd: str,
+        env: Mapping[str, str],
+        zmq_context: zmq.asyncio.Context,
+    ) -> Kernel:
         info = _connection_info()
         connection_path = f"{KERNEL_DIR}/kernel-{kernel_id}.json"
         try:
