@@ -234,7 +234,7 @@ class Registry:
         if self._db is not None:
             await self._run(self._db.close)
             self._db = None
-        self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
 
     async def _run(self, fn: Callable[[], _T]) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
@@ -469,14 +469,16 @@ class Registry:
         def append() -> None:
             with self._conn:
                 self._conn.execute("BEGIN")
-                cursor = self._conn.execute(
+                self._conn.execute(
                     "INSERT INTO events (sandbox_id, ts, level, message, fields) "
                     "VALUES (?, ?, ?, ?, ?)",
                     (sandbox_id, when, level, message, encoded),
                 )
+                # Older than this sandbox's newest EVENTS_KEPT_PER_SANDBOX entries: dropped.
                 self._conn.execute(
-                    "DELETE FROM events WHERE sandbox_id = ? AND seq <= ?",
-                    (sandbox_id, (cursor.lastrowid or 0) - EVENTS_KEPT_PER_SANDBOX),
+                    "DELETE FROM events WHERE sandbox_id = ? AND seq < (SELECT seq FROM events "
+                    "WHERE sandbox_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+                    (sandbox_id, sandbox_id, EVENTS_KEPT_PER_SANDBOX - 1),
                 )
 
         await self._run(append)
