@@ -13,8 +13,10 @@ import asyncio
 import json
 import shutil
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,6 +217,40 @@ def test_kernel_that_ignores_interrupts_is_replaced(sandbox: Sandbox) -> None:
     assert after.logs.stdout == ["alive\n"]
     assert after.error is not None
     assert after.error.name == "NameError"
+
+
+def test_calls_on_one_context_run_one_at_a_time(sandbox: Sandbox) -> None:
+    sandbox.run_code("order = []")
+    running = threading.Event()
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(
+            sandbox.run_code,
+            "print('running', flush=True); import time; time.sleep(1); order.append('slow')",
+            on_stdout=lambda _: running.set(),
+        )
+        assert running.wait(120)
+        quick = pool.submit(sandbox.run_code, "order.append('quick')")
+        assert slow.result(timeout=120).error is None
+        assert quick.result(timeout=120).error is None
+    assert sandbox.run_code("order").text == "['slow', 'quick']"
+
+
+def test_restart_ends_a_running_call(sandbox: Sandbox) -> None:
+    context = sandbox.create_code_context()
+    running = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        call = pool.submit(
+            sandbox.run_code,
+            "print('running', flush=True); import time; time.sleep(60)",
+            context=context,
+            on_stdout=lambda _: running.set(),
+        )
+        assert running.wait(120)
+        sandbox.restart_code_context(context)
+        execution = call.result(timeout=120)
+    assert execution.error is not None
+    assert execution.error.name == "ContextRestarting"
+    assert sandbox.run_code("print('fresh')", context=context).logs.stdout == ["fresh\n"]
 
 
 def test_contexts_do_not_share_state(sandbox: Sandbox) -> None:
