@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -112,13 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def configured_api_key(data_dir: Path) -> str | None:
-    """The first configured API key ($COPPICE_API_KEYS, else the data dir's keys file)."""
-    from coppice_api.rest.auth import KEYS_ENV, KEYS_FILENAME
+    """The first configured API key, if any (creates none)."""
+    from coppice_api.rest.auth import read_api_keys
 
-    candidates = os.environ.get(KEYS_ENV, "").split(",")
-    with contextlib.suppress(OSError):
-        candidates += (data_dir / KEYS_FILENAME).read_text().splitlines()
-    return next((k.strip() for k in candidates if k.strip() and not k.startswith("#")), None)
+    return next(iter(read_api_keys(data_dir)), None)
 
 
 def client_env(key: str | None, address: str, api_port: int, gateway_port: int, domain: str) -> str:
