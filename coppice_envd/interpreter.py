@@ -317,7 +317,9 @@ async def _stream(kernel: Kernel, code: str, execution: _Execution) -> None:
             elif kind == "execute_reply" and content["status"] in ("aborted", "abort"):
                 reply_error = ("ExecutionAborted", "Execution was aborted", "")
     except KernelDied as died:
-        error("ContextRestarting", f"Context was restarted: {died}", "")
+        # As upstream when its kernel restarts; a death Coppice did not ask for says how.
+        value = "Context was restarted" if died.stopped else f"Context was restarted: {died}"
+        error("ContextRestarting", value, "")
     if reply_error is not None:
         error(*reply_error)
 

@@ -60,9 +60,10 @@ class KernelStartError(Exception):
 class KernelDied(Exception):
     """The kernel process ended while a request was waiting for it."""
 
-    def __init__(self, status: ExitStatus | None) -> None:
+    def __init__(self, status: ExitStatus | None, *, stopped: bool = False) -> None:
         self.status = status
-        if status is None:
+        self.stopped = stopped  # by Coppice (restart, delete, replaced after an interrupt)
+        if stopped or status is None:
             how = "it was stopped"
         elif status.signal is not None:
             how = f"killed by signal {status.signal}"
@@ -237,7 +238,7 @@ class KernelRun:
         msg = await self._queue.get()
         if msg is None:
             self._queue.put_nowait(None)  # every later call sees the death too
-            raise KernelDied(self._kernel.exit_status)
+            raise KernelDied(self._kernel.exit_status, stopped=self._kernel.stopping)
         return msg
 
     async def messages(self) -> AsyncIterator[Message]:
@@ -285,6 +286,7 @@ class Kernel:
         self._tasks: list[asyncio.Task[None]] = []
         self._outputs: list[_OutputTail] = []
         self._releasing: asyncio.Task[None] | None = None
+        self.stopping = False  # shutdown() or kill() was asked for
         self.on_exit: Callable[[Kernel], None] | None = None  # called once the process ended
 
     @classmethod
@@ -412,7 +414,7 @@ class Kernel:
 
     def _send(self, channel: Any, msg_type: str, content: Message) -> KernelRun:
         if not self.alive:
-            raise KernelDied(self.exit_status)
+            raise KernelDied(self.exit_status, stopped=self.stopping)
         msg = self.client.session.msg(msg_type, content)
         run = KernelRun(self, msg["header"]["msg_id"])
         self._runs[run.msg_id] = run
@@ -467,6 +469,7 @@ class Kernel:
 
     async def shutdown(self) -> None:
         """Ask the kernel to exit; kill it if it does not within SHUTDOWN_GRACE."""
+        self.stopping = True
         if self.alive:
             with contextlib.suppress(KernelDied):
                 self._send(
@@ -478,6 +481,7 @@ class Kernel:
 
     async def kill(self) -> None:
         """Kill the kernel process (if it runs) and release everything it held."""
+        self.stopping = True
         if self.alive:
             with contextlib.suppress(ProcessNotFound, ProcessLookupError):
                 await self.process.signal(signal.SIGKILL)

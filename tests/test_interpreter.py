@@ -250,6 +250,7 @@ def test_restart_ends_a_running_call(sandbox: Sandbox) -> None:
         execution = call.result(timeout=120)
     assert execution.error is not None
     assert execution.error.name == "ContextRestarting"
+    assert execution.error.value == "Context was restarted"
     assert sandbox.run_code("print('fresh')", context=context).logs.stdout == ["fresh\n"]
 
 
