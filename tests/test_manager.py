@@ -13,6 +13,7 @@ from coppice_api.jails.manager import (
     Conflict,
     CreateSpec,
     InvalidArgument,
+    LiveSandbox,
     NotFound,
     OperationFailed,
     SandboxManager,
@@ -421,3 +422,53 @@ async def test_registry_is_usable_from_another_process(backends: Backends, tmp_p
         )
         out, _ = await proc.communicate()
         assert out.decode().strip() == record.id
+
+
+class Recorder:
+    """A SandboxObserver that records what it is told."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+    async def sandbox_started(self, live: LiveSandbox) -> None:
+        assert live.jail.is_alive()
+        self.events.append(("started", live.record.id))
+
+    async def sandbox_stopped(self, sandbox_id: str) -> None:
+        self.events.append(("stopped", sandbox_id))
+
+
+async def test_observers_hear_of_new_jails_and_ended_sandboxes(backends: Backends) -> None:
+    clock = Clock()
+    recorder = Recorder()
+    registry = await Registry.open(backends.data_dir)
+    manager = SandboxManager(
+        registry, backends.storage, backends.runtime, backends.templates, clock=clock
+    )
+    manager.add_observer(recorder)
+    await manager.start()
+    try:
+        a = await manager.create(CreateSpec(template="base"))
+        b = await manager.create(CreateSpec(template="base", timeout=10))
+        await manager.pause(a.id)
+        await manager.connect(a.id, 60)  # thawed, same jail: nothing new to tell
+        assert recorder.events == [("started", a.id), ("started", b.id)]
+        await manager.kill(a.id)
+        clock.now += 11
+        assert await manager.reap_due() == [b.id]
+        assert recorder.events[2:] == [("stopped", a.id), ("stopped", b.id)]
+        c = await manager.create(CreateSpec(template="base"))
+        paused = await manager.create(CreateSpec(template="base"))
+        await manager.pause(paused.id)
+    finally:
+        await manager.close()
+    # A restarted service tells its observers of every running sandbox it finds again.
+    restarted = SandboxManager(registry, backends.storage, backends.runtime, backends.templates)
+    again = Recorder()
+    restarted.add_observer(again)
+    await restarted.start()
+    try:
+        assert again.events == [("started", c.id)]
+    finally:
+        await restarted.close()
+        await registry.close()

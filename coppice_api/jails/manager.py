@@ -111,6 +111,15 @@ class LiveSandbox:
     template: TemplateInfo
 
 
+class SandboxObserver(Protocol):
+    """Told when a sandbox gets a jail and when it ends, e.g. to warm or drop per-sandbox state
+    in the gateway. Calls must return quickly; their errors are logged and ignored."""
+
+    async def sandbox_started(self, live: LiveSandbox) -> None: ...
+
+    async def sandbox_stopped(self, sandbox_id: str) -> None: ...
+
+
 @dataclass(frozen=True)
 class CreateSpec:
     template: str
@@ -189,6 +198,7 @@ class SandboxManager:
         self.max_timeout = max_timeout
         self._clock = clock
         self._live: dict[str, LiveSandbox] = {}  # every sandbox that has a jail (running or frozen)
+        self._observers: list[SandboxObserver] = []
         self._locks: dict[str, asyncio.Lock] = {}
         self._cpu_samples: dict[str, _CpuSample] = {}
         self._reaper: asyncio.Task[None] | None = None
@@ -212,6 +222,26 @@ class SandboxManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
             self._reaper = None
+
+    def add_observer(self, observer: SandboxObserver) -> None:
+        self._observers.append(observer)
+
+    async def _new_jail(self, live: LiveSandbox) -> None:
+        """Record a sandbox's (new) jail and tell the observers."""
+        self._live[live.record.id] = live
+        for observer in self._observers:
+            try:
+                await observer.sandbox_started(live)
+            except Exception:
+                log.exception("observer failed on start of %s", live.record.id)
+
+    async def _jail_ended(self, sandbox_id: str) -> None:
+        self._live.pop(sandbox_id, None)
+        for observer in self._observers:
+            try:
+                await observer.sandbox_stopped(sandbox_id)
+            except Exception:
+                log.exception("observer failed on end of %s", sandbox_id)
 
     def _lock(self, sandbox_id: str) -> asyncio.Lock:
         return self._locks.setdefault(sandbox_id, asyncio.Lock())
@@ -326,7 +356,7 @@ class SandboxManager:
             if isinstance(e, Exception) and not isinstance(e, SandboxError):
                 raise OperationFailed(f"Creating the sandbox failed: {e}") from e
             raise
-        self._live[sandbox_id] = LiveSandbox(record, jail, info)
+        await self._new_jail(LiveSandbox(record, jail, info))
         self._wake_reaper.set()
         await self.log_event(sandbox_id, "info", "sandbox created", template=storage_template)
         return record
@@ -376,7 +406,7 @@ class SandboxManager:
                 await jail.stop()
             else:
                 await self.runtime.destroy_leftover(record.id)
-            self._live.pop(record.id, None)
+            await self._jail_ended(record.id)
             await self.storage.destroy(record.id)
             await self.registry.delete_sandbox(record.id)
         except Exception as e:
@@ -476,7 +506,10 @@ class SandboxManager:
             raise OperationFailed(f"Resuming sandbox {record.id} failed: {e}") from e
         record = replace(record, state="running", end_at=end, jail_handle=jail.handle)
         info = await self._template_of(record)
-        self._live[record.id] = LiveSandbox(record, jail, info)
+        if started_new:
+            await self._new_jail(LiveSandbox(record, jail, info))
+        else:
+            self._live[record.id] = LiveSandbox(record, jail, info)
         self._wake_reaper.set()
         await self.log_event(record.id, "info", "sandbox resumed")
         return record
@@ -725,7 +758,10 @@ class SandboxManager:
         jail = await self.runtime.attach(record.id, root, record.jail_handle)
         info = await self._template_of(record)
         if jail is not None:
-            self._live[record.id] = LiveSandbox(record, jail, info)
+            if record.state == "running":  # alive, but new to this process's observers
+                await self._new_jail(LiveSandbox(record, jail, info))
+            else:
+                self._live[record.id] = LiveSandbox(record, jail, info)
             return []
         if record.state == "paused":
             return []  # paused sandboxes survive a restart as their filesystem; resume restarts
@@ -738,6 +774,6 @@ class SandboxManager:
             await self.log_event(record.id, "error", message)
             return [message + "; kept as paused"]
         await self.registry.update_sandbox(record.id, jail_handle=jail.handle)
-        self._live[record.id] = LiveSandbox(replace(record, jail_handle=jail.handle), jail, info)
+        await self._new_jail(LiveSandbox(replace(record, jail_handle=jail.handle), jail, info))
         await self.log_event(record.id, "warn", "jail was dead after a restart; started a new one")
         return [f"restarted the dead jail of sandbox {record.id}"]
