@@ -263,6 +263,8 @@ async def main() -> None:
 
             print(f"{'measurement':42} {'n':>4} {'p50 ms':>8} {'p95 ms':>8} {'mean ms':>8}")
             for name, samples in rows:
+                if not samples:
+                    continue
                 print(
                     f"{name:42} {len(samples):4d} {ms(statistics.median(samples))}"
                     f" {ms(percentile(samples, 0.95))} {ms(statistics.fmean(samples))}"
