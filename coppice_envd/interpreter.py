@@ -131,9 +131,10 @@ def _env_code(language: str, assign: Mapping[str, str], remove: list[str]) -> st
         lines = [f"export {k}={shlex.quote(v)}" for k, v in assign.items()]
         lines += [f"unset {k}" for k in remove]
         return "\n".join(lines)
+    # repr() of str containers is a Python literal for any text (JSON's escapes of emoji are not).
     return (
-        f"(lambda e: (e.update({json.dumps(dict(assign))}),"
-        f" [e.pop(k, None) for k in {json.dumps(remove)}]))(__import__('os').environ)"
+        f"(lambda e: (e.update({dict(assign)!r}),"
+        f" [e.pop(k, None) for k in {list(remove)!r}]))(__import__('os').environ)"
     )
 
 

@@ -319,8 +319,8 @@ def test_env_vars_apply_to_one_call(jails: Jails, gateway: RunningGateway) -> No
     sandbox = sdk(gateway, jails.start(env_vars={"GLOBAL": "sandbox"}))
     read = "import os; print(os.environ.get('GLOBAL'), os.environ.get('CALL'))"
     assert sandbox.run_code(read).logs.stdout == ["sandbox None\n"]
-    during = sandbox.run_code(read, envs={"GLOBAL": "call's", "CALL": "x y"})
-    assert during.logs.stdout == ["call's x y\n"]
+    during = sandbox.run_code(read, envs={"GLOBAL": "call's", "CALL": 'x "y" 😀'})
+    assert during.logs.stdout == ['call\'s x "y" 😀\n']
     assert sandbox.run_code(read).logs.stdout == ["sandbox None\n"]
     bash = sandbox.run_code('echo "$CALL"', language="bash", envs={"CALL": "in bash"})
     assert bash.logs.stdout == ["in bash\n"]
