@@ -18,7 +18,6 @@ from urllib.parse import parse_qs
 
 from coppice_envd.auth import token_matches
 from coppice_envd.routing import RequestScope
-from coppice_envd.sandboxes import SandboxView
 
 ENVD_VERSION = "0.6.13"
 
@@ -158,13 +157,8 @@ async def health(request: HTTPRequest, send: Send) -> None:
     await send_response(send, 204, headers=_NO_STORE)
 
 
-def global_env_vars(sandbox: SandboxView) -> dict[str, str]:
-    """envd's global variables: the internal ones, then the sandbox's own (§1.4 item 3)."""
-    return {"E2B_SANDBOX": "true", "E2B_SANDBOX_ID": sandbox.sandbox_id, **sandbox.env_vars}
-
-
 async def envs(request: HTTPRequest, send: Send) -> None:
-    await send_json(send, 200, global_env_vars(request.scope.sandbox), _NO_STORE)
+    await send_json(send, 200, request.scope.sandbox.global_env(), _NO_STORE)
 
 
 @dataclass

@@ -39,7 +39,6 @@ from coppice_envd.routing import RequestScope, current_request
 from coppice_envd.sandboxes import SandboxView
 
 # envd passes its own PATH on; this is what a Debian root shell has.
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_KEEPALIVE_SECONDS = 90.0
 # envd runs every command through `sh -c 'exec "$@"'`, so a command that cannot be executed
 # still starts and exits 127 (or 126) with the shell's message. We exec directly (the jail's init
@@ -176,16 +175,7 @@ class ProcessService:
         user, cwd = await asyncio.to_thread(
             _prepare, scope, config.cwd if config.HasField("cwd") else ""
         )
-        env = {
-            "PATH": DEFAULT_PATH,
-            "HOME": user.home,
-            "USER": user.name,
-            "LOGNAME": user.name,
-            "E2B_SANDBOX": "true",
-            "E2B_SANDBOX_ID": scope.sandbox.sandbox_id,
-            **scope.sandbox.env_vars,
-            **config.envs,
-        }
+        env = {**scope.sandbox.process_env(user), **config.envs}
         pty = (request.pty.size.rows, request.pty.size.cols) if request.HasField("pty") else None
         original = pb.ProcessConfig()
         original.CopyFrom(config)

@@ -6,7 +6,9 @@ import abc
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from coppice_api.jails.runtime.base import Jail
+from coppice_api.jails.runtime.base import Jail, User
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,20 @@ class SandboxView:
     default_user: str = "user"
     default_workdir: str | None = None
     env_vars: Mapping[str, str] = field(default_factory=dict)
+
+    def global_env(self) -> dict[str, str]:
+        """envd's global variables: the internal ones, then the sandbox's own (contract §1.4)."""
+        return {"E2B_SANDBOX": "true", "E2B_SANDBOX_ID": self.sandbox_id, **self.env_vars}
+
+    def process_env(self, user: User) -> dict[str, str]:
+        """The environment a process of `user` starts with, before per-call variables."""
+        return {
+            "PATH": DEFAULT_PATH,
+            "HOME": user.home,
+            "USER": user.name,
+            "LOGNAME": user.name,
+            **self.global_env(),
+        }
 
 
 class SandboxLookup(abc.ABC):
