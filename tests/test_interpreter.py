@@ -30,7 +30,7 @@ from template_fixtures import built_template_root
 
 from coppice_api.jails.runtime.base import Jail, Limits
 from coppice_api.jails.runtime.linux import LinuxRuntime
-from coppice_envd.interpreter import Interpreter, result_item
+from coppice_envd.interpreter import KEEPALIVE_SECONDS, Interpreter, result_item
 from coppice_envd.sandboxes import SandboxView
 
 pytestmark = pytest.mark.slow
@@ -378,6 +378,19 @@ def test_execute_stream_format(jails: Jails, gateway: RunningGateway) -> None:
     assert "detail" in invalid.json()
     health = httpx.get(gateway.url + "/health", headers=headers)
     assert health.json() == "OK"
+
+
+def test_keepalive_lines_during_silence(jails: Jails, gateway: RunningGateway) -> None:
+    view = jails.start()
+    headers = {"E2b-Sandbox-Id": view.sandbox_id, "E2b-Sandbox-Port": "49999"}
+    silent = f"import time; time.sleep({KEEPALIVE_SECONDS + 1.5}); print('done')"
+    response = httpx.post(
+        gateway.url + "/execute", json={"code": silent}, headers=headers, timeout=120
+    )
+    types = [json.loads(line)["type"] for line in response.text.splitlines()]
+    assert types[0] == "number_of_executions"
+    assert set(types[1:-2]) == {"keepalive"}
+    assert types[-2:] == ["stdout", "end_of_execution"]
 
 
 def test_result_mapping_quirks() -> None:
