@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import aiohttp  # noqa: E402
 from aiohttp import web  # noqa: E402
-from manager_fixtures import DEV_ROOTFS, Backends, install_dev_rootfs_template  # noqa: E402
+from manager_fixtures import Backends, install_dev_rootfs_template  # noqa: E402
 
 from coppice_api.jails.manager import SandboxManager  # noqa: E402
 from coppice_api.jails.registry import Registry  # noqa: E402
@@ -177,7 +177,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--creates", type=int, default=50)
-    default_backend = "real" if os.geteuid() == 0 and DEV_ROOTFS.is_dir() else "fake"
+    default_backend = "real" if os.geteuid() == 0 else "fake"
     parser.add_argument("--backend", choices=["real", "fake"], default=default_backend)
     parser.add_argument("--serve", nargs=2, metavar=("DATA_DIR", "PORTS_FILE"), help="internal")
     args = parser.parse_args()

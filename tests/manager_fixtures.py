@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from template_fixtures import built_template_root
 
 from coppice_api.jails.manager import SandboxManager
 from coppice_api.jails.registry import Registry
@@ -192,16 +193,15 @@ class Backends:
             await registry.close()
 
 
-DEV_ROOTFS = Path("/var/cache/coppice-dev/base")
-
-
 async def install_dev_rootfs_template(data_dir: Path, storage: Storage) -> None:
-    """Template `base` from the dev rootfs, hard-linked in (fast on one filesystem, and safe:
-    overlay never writes to a lower dir), with its metadata for a TemplateStore on data_dir."""
+    """Template `base` from the cached built one, hard-linked in (fast on one filesystem, and
+    safe: overlay never writes to a lower dir), with its metadata for a TemplateStore on
+    data_dir."""
+    source = await asyncio.to_thread(built_template_root, "base")
     copy = data_dir / "base-rootfs"
-    process = await asyncio.create_subprocess_exec("cp", "-al", str(DEV_ROOTFS), str(copy))
+    process = await asyncio.create_subprocess_exec("cp", "-alx", str(source), str(copy))
     if await process.wait() != 0:
-        raise RuntimeError(f"could not copy {DEV_ROOTFS}")
+        raise RuntimeError(f"could not copy {source}")
     info = TemplateInfo(
         name="base",
         backend=storage.name,

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from e2b import Sandbox
 from manager_fixtures import (  # noqa: F401
-    DEV_ROOTFS,
     install_dev_rootfs_template,
     warm_python_sdk,
 )
+from template_fixtures import built_template_root
 
 from coppice_api.jails.manager import CreateSpec, NotFound, SandboxManager
 from coppice_api.jails.registry import Registry, SandboxQuery
@@ -59,8 +59,6 @@ class Real:
 async def real() -> AsyncIterator[Real]:
     # Short path: the jail's unix socket lives under it.
     data_dir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="cpi-", dir="/tmp"))
-    if not (DEV_ROOTFS / "etc" / "passwd").exists():
-        pytest.fail(f"the dev rootfs {DEV_ROOTFS} is missing (built by the lead's setup)")
     storage = OverlayStorage(data_dir / "overlay")
     await install_dev_rootfs_template(data_dir, storage)
     real = Real(data_dir, storage, TemplateStore(data_dir, storage))
@@ -115,7 +113,7 @@ async def test_create_exec_kill_leaves_nothing(real: Real) -> None:
         assert await sh(live.jail, "echo hello > /home/user/hello") == 0
         root = Path(record.storage_ref)
         assert (root / "home/user/hello").read_text() == "hello\n"
-        assert not (DEV_ROOTFS / "home/user/hello").exists()
+        assert not (built_template_root("base") / "home/user/hello").exists()
         assert record.id in await real.storage.list_sandboxes()
         assert record.id in await manager.runtime.list_jails()
 

@@ -15,7 +15,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from connectrpc.code import Code
@@ -30,13 +29,12 @@ from e2b import (
 from gateway_fixtures import StaticLookup, start_gateway
 from process import process_connect
 from process import process_pb2 as pb
+from template_fixtures import built_template_root
 
 from coppice_api.jails.runtime.base import Limits
 from coppice_api.jails.runtime.linux import LinuxRuntime
 from coppice_envd.process import ProcessService
 from coppice_envd.sandboxes import SandboxView
-
-DEV_ROOTFS = Path("/var/cache/coppice-dev/base")
 
 
 @dataclass
@@ -48,13 +46,12 @@ class RealSandbox:
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealSandbox]:
     """A Linux jail on an overlay of the dev rootfs, behind the real gateway (in a thread)."""
-    if not (DEV_ROOTFS / "etc" / "passwd").exists():
-        pytest.fail(f"the dev rootfs {DEV_ROOTFS} is missing (built by the lead's setup)")
+    base_root = built_template_root("base")
     work = tmp_path_factory.mktemp("process-e2e")
     upper, workdir, merged = work / "upper", work / "work", work / "merged"
     for directory in (upper, workdir, merged):
         directory.mkdir()
-    options = f"lowerdir={DEV_ROOTFS},upperdir={upper},workdir={workdir}"
+    options = f"lowerdir={base_root},upperdir={upper},workdir={workdir}"
     subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, merged], check=True)
     sandbox_id = f"e2e{uuid.uuid4().hex[:12]}"
     try:
