@@ -6,7 +6,8 @@ Real Linux jails on overlay clones of the built `code-interpreter-v1` template (
 tests' cached build), served by the real gateway (hypercorn) with the Interpreter; the sync
 `e2b-code-interpreter` SDK runs in a child process, as a real client would. Measures:
   * floor: the kernel's own round trip with jupyter_client (`execute` + `execute_reply`, a
-    second client on the same kernel), and the interpreter's kernel path (reply + idle);
+    second client on the same kernel, in its own process), and the interpreter's kernel path
+    (reply + idle);
   * floor: an SDK call that reaches the interpreter but no kernel (`list_code_contexts`);
   * `sandbox.run_code("x = 1")`, p50/p95 over N sequential calls (target p50 <= 10 ms);
   * the first `run_code` after a sandbox's jail is up (target <= 1.5 s): cold (the first request
@@ -28,8 +29,6 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-
-from jupyter_client.asynchronous.client import AsyncKernelClient
 
 from coppice_api.jails.runtime.base import Jail, Limits
 from coppice_api.jails.runtime.linux import LinuxRuntime
@@ -165,23 +164,38 @@ class Client:
         await self.process.wait()
 
 
+# The floor client: jupyter_client's own execute + execute_reply, in a process of its own.
+FLOOR_CLIENT = r"""
+import json, sys, time
+from jupyter_client import BlockingKernelClient
+client = BlockingKernelClient()
+client.load_connection_info(json.loads(sys.argv[1]))
+client.start_channels(shell=True, iopub=False, stdin=False, hb=False, control=False)
+client.execute("x = 1", reply=True, timeout=30)
+times = []
+for _ in range(int(sys.argv[2])):
+    start = time.perf_counter()
+    client.execute("x = 1", reply=True, timeout=30)
+    times.append(time.perf_counter() - start)
+client.stop_channels()
+print(json.dumps(times))
+"""
+
+
 async def kernel_floor(bench: Bench, sandbox_id: str, runs: int) -> tuple[list[float], list[float]]:
-    """(jupyter_client execute+reply on a second client, the interpreter's reply+idle path)."""
+    """(jupyter_client execute+reply from another process, the interpreter's reply+idle path)."""
     contexts = bench.interpreter._sandboxes[sandbox_id]
     kernel = contexts.defaults["python"].kernel
     assert kernel is not None
-    client = AsyncKernelClient()
-    client.load_connection_info(kernel.client.get_connection_info())
-    client.start_channels(shell=True, iopub=False, stdin=False, hb=False, control=False)
-    raw: list[float] = []
-    try:
-        await client.execute("x = 1", reply=True, timeout=30)
-        for _ in range(runs):
-            start = time.perf_counter()
-            await client.execute("x = 1", reply=True, timeout=30)
-            raw.append(time.perf_counter() - start)
-    finally:
-        client.stop_channels()
+    info = {
+        k: v.decode() if isinstance(v, bytes) else v
+        for k, v in kernel.client.get_connection_info().items()
+    }
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", FLOOR_CLIENT, json.dumps(info), str(runs), stdout=subprocess.PIPE
+    )
+    out, _ = await child.communicate()
+    raw: list[float] = json.loads(out)
     ours: list[float] = []
     for _ in range(runs):
         start = time.perf_counter()
