@@ -2,8 +2,9 @@
 
 Wire-compatible with E2B's code-interpreter server (envd-contract §5): `/execute` streams one JSON
 object per line, the last one `{"type": "end_of_execution"}`. A context is a kernel (kernels.py)
-in the routed sandbox's jail; the default python context of a sandbox starts when the sandbox is
-first seen (or announced with `sandbox_started`), so the first `run_code` does not pay for it.
+in the routed sandbox's jail; the default python context's kernel starts when the sandbox is
+announced with `sandbox_started` (or first seen), so the first `run_code` pays only what is left
+of that start.
 
 Executions on one context run one at a time, in arrival order. A client that goes away (or an
 SDK timeout, which closes the connection) interrupts its execution; if the kernel does not settle
@@ -517,8 +518,12 @@ class Interpreter:
     """The ASGI app for port 49999 of every sandbox, and the kernels behind it.
 
     The gateway calls it with the request's sandbox bound (`routing.current_sandbox()`). The
-    composition root calls `sandbox_started` when a sandbox starts (to warm its default python
-    kernel), `sandbox_stopped` when one is killed or paused, and `close` at shutdown.
+    composition root calls `sandbox_started` when a sandbox's jail starts (to warm its default
+    python kernel), `sandbox_stopped` when it is killed (not on a freezing pause: the kernels keep
+    their state through it), and `close` at shutdown (the gateway's lifespan does too). All on
+    the gateway's event loop. Kernels of a jail that ended without `sandbox_stopped` are noticed
+    and forgotten. Contexts belong to a sandbox id and its Jail object: a new Jail for the same
+    id (a resume that had to start one) starts over.
     """
 
     def __init__(self) -> None:
