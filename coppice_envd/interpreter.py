@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 KEEPALIVE_SECONDS = 5.0  # as upstream: silence longer than this gets a keepalive line
 INTERRUPT_GRACE = 5.0  # an interrupted execution that has not ended by then loses its kernel
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 _MIME_KEYS = {
     "text/plain": "text",
@@ -366,17 +365,8 @@ class SandboxContexts:
 
     async def start_kernel(self, context: Context) -> Kernel:
         user = await self.user()
-        env = {
-            "PATH": DEFAULT_PATH,
-            "HOME": user.home,
-            "USER": user.name,
-            "LOGNAME": user.name,
-            "SHELL": "/bin/bash",
-            "LANG": "C.UTF-8",
-            "E2B_SANDBOX": "true",
-            "E2B_SANDBOX_ID": self.view.sandbox_id,
-            **self.view.env_vars,
-        }
+        base = {**self.view.process_env(user), "SHELL": "/bin/bash", "LANG": "C.UTF-8"}
+        env = {**base, **self.view.env_vars}  # the sandbox's own variables still win
         kernel = await Kernel.start(
             self.jail,
             kernel_id=context.id,

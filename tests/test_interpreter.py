@@ -37,7 +37,6 @@ pytestmark = pytest.mark.slow
 
 TEMPLATE = "code-interpreter-v1"
 MiB = 1024 * 1024
-DEV_ROOTFS = Path("/var/cache/coppice-dev/base")
 
 
 @dataclass
@@ -333,7 +332,7 @@ def test_unsupported_language_is_a_clear_error(sandbox: Sandbox) -> None:
 
 
 def test_sandbox_without_ipykernel_answers_clearly(jails: Jails, gateway: RunningGateway) -> None:
-    jails.template_root = DEV_ROOTFS  # Debian with python3 but no ipykernel
+    jails.template_root = built_template_root("base")  # Debian with python3 but no ipykernel
     sandbox = sdk(gateway, jails.start())
     with pytest.raises(Exception, match=r"(?s)500.*python kernel did not start.*ipykernel"):
         sandbox.run_code("1")
