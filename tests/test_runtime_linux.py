@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from template_fixtures import built_template_root
 
 from coppice_api.jails.confined import ConfinedRoot
 from coppice_api.jails.runtime.base import (
@@ -36,16 +37,15 @@ ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "
 HANG = 60.0
 
 # -- Sandbox roots: the one place to swap in the real template builder --------------------------
-DEV_ROOTFS = Path("/var/cache/coppice-dev/base")
 
 MakeRoot = Callable[[], Path]
 
 
 @pytest.fixture
 def make_root(tmp_path: Path) -> Iterator[MakeRoot]:
-    """Writable copy-on-write sandbox roots: overlayfs on the dev rootfs, unmounted afterwards."""
-    if not (DEV_ROOTFS / "etc" / "passwd").exists():
-        pytest.fail(f"the dev rootfs {DEV_ROOTFS} is missing (built by the lead's setup)")
+    """Writable copy-on-write sandbox roots: overlayfs on the built base template, unmounted
+    afterwards."""
+    base_root = built_template_root("base")
     mounted: list[Path] = []
 
     def make() -> Path:
@@ -53,7 +53,7 @@ def make_root(tmp_path: Path) -> Iterator[MakeRoot]:
         upper, work, merged = base / "upper", base / "work", base / "merged"
         for d in (upper, work, merged):
             d.mkdir(parents=True)
-        options = f"lowerdir={DEV_ROOTFS},upperdir={upper},workdir={work}"
+        options = f"lowerdir={base_root},upperdir={upper},workdir={work}"
         subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, merged], check=True)
         mounted.append(merged)
         return merged
