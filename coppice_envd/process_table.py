@@ -40,9 +40,6 @@ PTY_CHUNK_BYTES = 16 * 1024  # and for a pty master
 RETAIN_SECONDS = 30.0  # how long an exited process stays connectable
 # A subscriber holding more unsent output than this pauses the readers (back-pressure).
 SUBSCRIBER_BUFFER_BYTES = 1024 * 1024
-# Spawns in flight per jail: a burst of starts waits here rather than overrunning the jail's
-# exec channel (its init's listen backlog).
-SPAWNS_IN_FLIGHT = 32
 _UNEXECUTABLE = frozenset({errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR, errno.ELOOP})
 
 OutputKind = Literal["stdout", "stderr", "pty"]
@@ -501,7 +498,6 @@ class ProcessTable(Generic[C]):
         self._live: dict[int, ManagedProcess[C]] = {}
         self._retained: dict[int, _Retained] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._spawn_slots = asyncio.Semaphore(SPAWNS_IN_FLIGHT)
 
     async def start(
         self,
@@ -514,8 +510,7 @@ class ProcessTable(Generic[C]):
     ) -> Subscription:
         """Spawn a process and return a subscription made before any of its output is read."""
         try:
-            async with self._spawn_slots:
-                proc = await self.jail.exec(spec)
+            proc = await self.jail.exec(spec)
         except ExecError as exc:
             raise SpawnFailed(str(exc), unexecutable=exc.errno in _UNEXECUTABLE) from exc
         except (JailError, OSError) as exc:

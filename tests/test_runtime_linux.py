@@ -293,6 +293,17 @@ async def test_concurrent_execs(jail: LinuxJail) -> None:
     assert results == [f"{i}\n" for i in range(20)]
 
 
+async def test_a_burst_of_execs_loses_none(jail: LinuxJail) -> None:
+    """More execs than init's listen backlog holds, while init cannot accept (frozen): the
+    connects beyond the backlog are retried, none is lost."""
+    await jail.freeze()
+    burst = [asyncio.create_task(run(jail, ["true"])) for _ in range(300)]
+    await asyncio.sleep(0.5)
+    await jail.thaw()
+    results = await asyncio.gather(*burst)
+    assert [status for status, _, _ in results] == [ExitStatus(0)] * 300
+
+
 # -- Exec results and errors ----------------------------------------------------------------------
 async def test_stdin_stdout_stderr_are_separate(jail: LinuxJail) -> None:
     status, out, err = await run(jail, ["sh", "-c", "cat; echo oops >&2; exit 3"], stdin=b"hello")

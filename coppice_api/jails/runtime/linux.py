@@ -317,12 +317,19 @@ class LinuxJail(Jail):
     async def _connect(self) -> socket.socket:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         conn.setblocking(False)
-        try:
-            await asyncio.get_running_loop().sock_connect(conn, str(self._socket_path))
-        except OSError as e:
-            conn.close()
-            raise JailError(f"jail {self.sandbox_id} is not running ({e.strerror})") from e
-        return conn
+        # A unix connect does not complete later as TCP's does: EAGAIN means init's listen
+        # backlog is full right now, and the connect must simply be tried again.
+        for attempt in range(_CONNECT_ATTEMPTS):
+            try:
+                conn.connect(str(self._socket_path))
+                return conn
+            except BlockingIOError:
+                await asyncio.sleep(min(0.001 * 2**attempt, 0.05))
+            except OSError as e:
+                conn.close()
+                raise JailError(f"jail {self.sandbox_id} is not running ({e.strerror})") from e
+        conn.close()
+        raise JailError(f"jail {self.sandbox_id} is not accepting requests (backlog full)")
 
     async def freeze(self) -> None:
         await asyncio.to_thread(self._cgroups.freeze)
@@ -384,6 +391,9 @@ class LinuxProcess(JailProcess):
         if self._status is not None:
             raise ProcessNotFound(f"process {self.pid} has exited")
         await self._jail.signal(self.pid, signum)
+
+
+_CONNECT_ATTEMPTS = 200  # about 10 s of backlog-full retries
 
 
 def _encode_exec(spec: ExecSpec) -> bytes:
