@@ -159,3 +159,19 @@ def test_serve_prints_the_key_it_created_and_the_client_env(coppice_stack: Stack
     assert f"a new API key was created (stored in {coppice_stack.data_dir}/api-keys)" in log
     assert f"export E2B_API_KEY={coppice_stack.api_key}" in log
     assert f"export E2B_SANDBOX_URL={coppice_stack.sandbox_url}" in log
+
+
+def test_cli_template_list_shows_name_size_created_backend(coppice_stack: Stack) -> None:  # noqa: F811
+    result = subprocess.run(
+        [str(COPPICE), "--data-dir", str(coppice_stack.data_dir), "template", "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    header, *rows = result.stdout.splitlines()
+    assert header.split()[:4] == ["NAME", "SIZE", "CREATED", "BACKEND"]
+    names = {row.split()[0]: row for row in rows}
+    assert {"base", "code-interpreter-v1"} <= names.keys()
+    assert "overlay" in names["base"]
