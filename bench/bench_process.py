@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/bench_process.py [--rootfs DIR] [--runs N] [--streams N]
 
-One real Linux jail on an overlay of the dev rootfs, served by the real gateway (hypercorn); the
-SDK runs in a child process, as a real client would. Measures, p50/p95 over N sequential runs:
+One real Linux jail on an overlay of the built base template, served by the real gateway
+(hypercorn); the SDK runs in a child process, as a real client would. Measures, p50/p95 over
+N sequential runs:
   * floor: a plain host spawn of /bin/true, and a raw `Jail.exec` of /bin/true;
   * a raw `Jail.exec` of what `commands.run("true")` really runs (`/bin/bash -l -c true` as
     `user`) — the floor of the SDK number;
@@ -49,12 +50,14 @@ from coppice_api.jails.runtime.base import (
 )
 from coppice_api.jails.runtime.linux import LinuxRuntime
 from coppice_envd.app import build_gateway, serve_gateway
-from coppice_envd.process import DEFAULT_PATH, ProcessService
+from coppice_envd.process import ProcessService
 from coppice_envd.routing import RequestScope, enter_request
-from coppice_envd.sandboxes import SandboxLookup, SandboxView
+from coppice_envd.sandboxes import DEFAULT_PATH, SandboxLookup, SandboxView
 
 ROOT = User("root", 0, 0, "/root", (0,))
 USER = User("user", 1000, 1000, "/home/user", (1000,))
+
+TESTS_DIR = str(Path(__file__).resolve().parent.parent / "tests")
 
 
 class Sandboxes(SandboxLookup):
@@ -232,11 +235,16 @@ def row(name: str, samples: list[float], target: str) -> str:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rootfs", type=Path, default=Path("/var/cache/coppice-dev/base"))
+    parser.add_argument("--rootfs", type=Path, help="default: the built base template")
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--streams", type=int, default=200)
     args = parser.parse_args()
+    if args.rootfs is None:
+        sys.path.insert(0, TESTS_DIR)
+        from template_fixtures import built_template_root
+
+        args.rootfs = await asyncio.to_thread(built_template_root, "base")
     work = Path(tempfile.mkdtemp(prefix="coppice-bench-process-"))
     root = await mount_overlay(args.rootfs, work / "sandbox")
     runtime = LinuxRuntime(work / "data")

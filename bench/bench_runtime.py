@@ -14,6 +14,7 @@ import asyncio
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -25,6 +26,8 @@ from coppice_api.jails.runtime.linux import LinuxJail, LinuxRuntime
 
 ROOT = User("root", 0, 0, "/root", (0,))
 ENV = {"PATH": "/usr/bin:/bin"}
+
+TESTS_DIR = str(Path(__file__).resolve().parent.parent / "tests")
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -78,10 +81,15 @@ def idle_cost(jail: LinuxJail) -> tuple[int, int, int]:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rootfs", type=Path, default=Path("/var/cache/coppice-dev/base"))
+    parser.add_argument("--rootfs", type=Path, help="default: the built base template")
     parser.add_argument("--runs", type=int, default=30, help="jails to start and stop")
     parser.add_argument("--execs", type=int, default=300)
     args = parser.parse_args()
+    if args.rootfs is None:
+        sys.path.insert(0, TESTS_DIR)
+        from template_fixtures import built_template_root
+
+        args.rootfs = await asyncio.to_thread(built_template_root, "base")
     work = Path(tempfile.mkdtemp(prefix="coppice-bench-"))
     runtime = LinuxRuntime(work / "data")
     roots: list[Path] = []
