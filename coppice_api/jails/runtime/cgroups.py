@@ -174,9 +174,15 @@ class SandboxCgroups:
             _write(d / "cgroup.freeze", "1")
             frozen = _wait_for(lambda: "frozen 1" in (d / "cgroup.events").read_text(), timeout)
         else:
-            _write(d / "freezer.state", "FROZEN")
             state = d / "freezer.state"
-            frozen = _wait_for(lambda: state.read_text().strip() == "FROZEN", timeout)
+
+            def frozen_v1() -> bool:
+                # v1 can stay FREEZING when a task escaped the first pass (e.g. one being
+                # forked right then); writing FROZEN again freezes the stragglers.
+                _write(state, "FROZEN")
+                return state.read_text().strip() == "FROZEN"
+
+            frozen = _wait_for(frozen_v1, timeout)
         if not frozen:
             # A task stuck in the kernel (e.g. uninterruptible I/O) holds the freeze back.
             self.thaw()
