@@ -162,8 +162,16 @@ class ProcessService:
         for sandbox_id in list(self._tables):
             await self.forget(sandbox_id)
 
-    def _current_table(self) -> ProcessTable[pb.ProcessConfig]:
-        return self.table(self._scope().sandbox)
+    async def _current_table(self) -> ProcessTable[pb.ProcessConfig]:
+        """The request's process table, once a Basic-auth user (if any) is known to exist:
+        envd refuses an unknown one on every RPC (contract §1.2)."""
+        scope = self._scope()
+        if scope.basic_user is not None:
+            try:
+                await asyncio.to_thread(scope.user_sync)
+            except UnknownUser as exc:
+                raise ConnectError(Code.UNAUTHENTICATED, str(exc)) from None
+        return self.table(scope.sandbox)
 
     # -- streams ---------------------------------------------------------------------------
 
@@ -219,7 +227,8 @@ class ProcessService:
     ) -> AsyncIterator[pb.ConnectResponse]:
         selector = _selector(request.process)
         try:
-            subscription = self._current_table().connect(selector)
+            table = await self._current_table()
+            subscription = table.connect(selector)
         except ProcessError as exc:
             raise _rpc_error(exc) from exc
         async with contextlib.aclosing(
@@ -234,7 +243,8 @@ class ProcessService:
         self, request: pb.ListRequest, ctx: RequestContext[pb.ListRequest, pb.ListResponse]
     ) -> pb.ListResponse:
         response = pb.ListResponse()
-        for managed in self._current_table().processes():
+        table = await self._current_table()
+        for managed in table.processes():
             info = response.processes.add(pid=managed.pid, config=managed.config)
             if managed.tag is not None:
                 info.tag = managed.tag
@@ -259,7 +269,7 @@ class ProcessService:
             if which == "start":
                 target = _selector(message.start.process)
                 try:
-                    self._current_table().get(target)
+                    (await self._current_table()).get(target)
                 except ProcessError as exc:
                     raise _rpc_error(exc) from exc
             elif which == "data":
@@ -281,7 +291,8 @@ class ProcessService:
                 Code.UNIMPLEMENTED, f"invalid signal: {pb.Signal.Name(request.signal)}"
             )
         try:
-            await self._current_table().get(_selector(request.process)).send_signal(signum)
+            table = await self._current_table()
+            await table.get(_selector(request.process)).send_signal(signum)
         except ProcessError as exc:
             raise _rpc_error(exc) from exc
         return pb.SendSignalResponse()
@@ -292,7 +303,8 @@ class ProcessService:
         ctx: RequestContext[pb.CloseStdinRequest, pb.CloseStdinResponse],
     ) -> pb.CloseStdinResponse:
         try:
-            self._current_table().get(_selector(request.process)).close_stdin()
+            table = await self._current_table()
+            table.get(_selector(request.process)).close_stdin()
         except ProcessError as exc:
             raise _rpc_error(exc) from exc
         return pb.CloseStdinResponse()
@@ -301,7 +313,8 @@ class ProcessService:
         self, request: pb.UpdateRequest, ctx: RequestContext[pb.UpdateRequest, pb.UpdateResponse]
     ) -> pb.UpdateResponse:
         try:
-            managed = self._current_table().get(_selector(request.process))
+            table = await self._current_table()
+            managed = table.get(_selector(request.process))
             if request.HasField("pty"):
                 managed.resize(request.pty.size.rows, request.pty.size.cols)
         except ProcessError as exc:
@@ -313,7 +326,8 @@ class ProcessService:
         if which is None:
             raise ConnectError(Code.UNIMPLEMENTED, "invalid input type: input not set")
         try:
-            managed = self._current_table().get(selector)
+            table = await self._current_table()
+            managed = table.get(selector)
             if which == "stdin":
                 await managed.write_stdin(data.stdin)
             else:

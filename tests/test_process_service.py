@@ -347,6 +347,28 @@ async def test_unknown_user_is_unauthenticated(service: ProcessService, sandbox:
     assert caught.value.message == "invalid username: 'nobody-here'"
 
 
+async def test_unknown_user_is_refused_on_every_rpc(
+    service: ProcessService, sandbox: Sandbox
+) -> None:
+    """envd's authn runs before any handler: not only Start refuses an unknown user."""
+    sandbox.basic_user = "nobody-here"
+    selector = pb.ProcessSelector(pid=1)
+    calls = {
+        "List": service.list(pb.ListRequest(), context("List")),
+        "SendSignal": service.send_signal(
+            pb.SendSignalRequest(process=selector, signal=pb.SIGNAL_SIGKILL), context("SendSignal")
+        ),
+        "CloseStdin": service.close_stdin(
+            pb.CloseStdinRequest(process=selector), context("CloseStdin")
+        ),
+        "Update": service.update(pb.UpdateRequest(process=selector), context("Update")),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ConnectError) as caught:
+            await call
+        assert caught.value.code == Code.UNAUTHENTICATED, name
+
+
 @pytest.mark.parametrize(
     ("cwd", "expected"),
     [
