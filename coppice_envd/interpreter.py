@@ -689,8 +689,20 @@ async def _wait_disconnect(receive: Receive) -> None:
 async def _stream_response(
     execution: _Execution, disconnect: asyncio.Task[None], send: Send
 ) -> None:
-    """Send the execution's lines as they come; what is already queued goes out in one chunk."""
-    started = False
+    """Send the execution's lines as they come; what is already queued goes out in one chunk.
+
+    The status line waits for the first lines (the kernel's execute_input follows the start
+    within a millisecond): one write and one client wake-up fewer per execution.
+    """
+    started = headers_sent = False
+
+    async def send_lines(lines: list[Mapping[str, Any]], *, more: bool = True) -> None:
+        nonlocal headers_sent
+        if not headers_sent:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            headers_sent = True
+        await _send_lines(send, lines, more=more)
+
     while not disconnect.done():
         if execution.events.empty():
             get = asyncio.ensure_future(execution.events.get())
@@ -702,7 +714,7 @@ async def _stream_response(
             if get not in done:
                 get.cancel()
                 if started and disconnect not in done:
-                    await _send_lines(send, [{"type": "keepalive"}])
+                    await send_lines([{"type": "keepalive"}])
                 continue
             events = [get.result()]
         else:
@@ -715,7 +727,6 @@ async def _stream_response(
                 await _send_error(send, value)
                 return
             if kind == "start":
-                await send({"type": "http.response.start", "status": 200, "headers": []})
                 started = True
             elif kind == "line":
                 lines.append(value)
@@ -724,10 +735,10 @@ async def _stream_response(
                     await _send_error(send, HTTPError(500, "the execution did not start"))
                     return
                 lines.append({"type": "end_of_execution"})
-                await _send_lines(send, lines, more=False)
+                await send_lines(lines, more=False)
                 return
         if lines:
-            await _send_lines(send, lines)
+            await send_lines(lines)
 
 
 async def _send_lines(send: Send, items: list[Mapping[str, Any]], *, more: bool = True) -> None:
