@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,7 +173,6 @@ async def test_snapshot_in_use_is_not_deleted(service: Service) -> None:
 NODE_SCRIPT = NODE_DIR / "api_lifecycle.mjs"
 
 
-@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
 async def test_node_sdk_create_list_kill(service: Service) -> None:
     proc = await asyncio.create_subprocess_exec(
         "node",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import subprocess
 import threading
 import uuid
@@ -435,7 +434,6 @@ console.log(JSON.stringify(out))
 """
 
 
-@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
 def test_node_sdk(jails: Jails, gateway: RunningGateway) -> None:
     view = jails.start()
     proc = subprocess.run(

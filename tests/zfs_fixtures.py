@@ -72,7 +72,7 @@ def _stop_daemon(pid: int) -> None:
 def zfs_test_pool() -> Iterator[str]:
     """A fresh pool `coppicetest<random>` with a parent dataset; yields `POOL/coppice`."""
     if shutil.which("zfs-fuse") is None:
-        pytest.skip("zfs-fuse is not installed (scripts/_setup.sh installs it)")
+        pytest.fail("zfs-fuse is not installed (scripts/_setup.sh installs it)")
     workdir = Path(tempfile.mkdtemp(prefix="coppice-zfs-"))
     started_pid: int | None = None
     pool = f"coppicetest{secrets.token_hex(4)}"
