@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import aiohttp  # noqa: E402
 from aiohttp import web  # noqa: E402
+from benchlib import percentile  # noqa: E402
 from manager_fixtures import Backends, install_dev_rootfs_template  # noqa: E402
 
 from coppice_api.jails.manager import SandboxManager  # noqa: E402
@@ -84,11 +85,6 @@ async def serve(backend: str, data_dir: Path, ports_file: Path) -> None:
 
 
 # The client ------------------------------------------------------------------------------------
-def percentile(samples: list[float], p: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
-
-
 async def timed(calls: int, **targets: Callable[[], Awaitable[None]]) -> dict[str, list[float]]:
     """Latencies of each target, interleaved call by call so all see the same machine load."""
     samples: dict[str, list[float]] = {name: [] for name in targets}
@@ -104,7 +100,7 @@ async def timed(calls: int, **targets: Callable[[], Awaitable[None]]) -> dict[st
 def row(name: str, samples: list[float], floor: float | None = None) -> str:
     p50 = statistics.median(samples)
     ratio = f"{p50 / floor:5.2f}x" if floor else "     "
-    return f"{name:<44} {p50:8.3f} {percentile(samples, 95):8.3f} {ratio}  n={len(samples)}"
+    return f"{name:<44} {p50:8.3f} {percentile(samples, 0.95):8.3f} {ratio}  n={len(samples)}"
 
 
 async def measure(api: str, floor_url: str, calls: int, creates: int) -> None:

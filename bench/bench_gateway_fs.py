@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import httpx  # noqa: E402
 import pyqwest  # noqa: E402
+from benchlib import percentile  # noqa: E402
 from gateway_fixtures import StaticLookup, make_sandbox  # noqa: E402
 
 from coppice_envd.app import build_gateway, serve_gateway  # noqa: E402
@@ -80,10 +81,6 @@ def timed_calls(n: int, call: Callable[[], object]) -> list[float]:
         call()
         samples.append((time.perf_counter() - started) * 1000)
     return samples
-
-
-def percentile(samples: list[float], p: float) -> float:
-    return sorted(samples)[min(len(samples) - 1, int(len(samples) * p))]
 
 
 def main() -> None:

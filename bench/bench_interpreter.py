@@ -30,6 +30,8 @@ import time
 import uuid
 from pathlib import Path
 
+from benchlib import mount_overlay, percentile
+
 from coppice_api.jails.runtime.base import Jail, Limits
 from coppice_api.jails.runtime.linux import LinuxRuntime
 from coppice_envd.app import build_gateway, serve_gateway
@@ -76,11 +78,6 @@ class Sandboxes(SandboxLookup):
         return next(reversed(self.views.values()), None)
 
 
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:8.2f}"
 
@@ -97,16 +94,7 @@ class Bench:
 
     async def start_jail(self) -> SandboxView:
         sandbox_id = "bench" + uuid.uuid4().hex[:10]
-        base = self.work / sandbox_id
-        upper, work, merged = base / "upper", base / "work", base / "merged"
-        for d in (upper, work, merged):
-            d.mkdir(parents=True)
-        options = f"lowerdir={self.template_root},upperdir={upper},workdir={work}"
-        mount = await asyncio.create_subprocess_exec(
-            "mount", "-t", "overlay", "overlay", "-o", options, str(merged)
-        )
-        if await mount.wait() != 0:
-            raise SystemExit("mount failed")
+        merged = await mount_overlay(self.template_root, self.work / sandbox_id)
         self.mounts.append(merged)
         jail = await self.runtime.start(sandbox_id, merged, Limits())
         self.jails.append(jail)

@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from benchlib import mount_overlay, percentile
 from connectrpc.method import IdempotencyLevel, MethodInfo
 from connectrpc.request import Headers, RequestContext
 from e2b import AsyncSandbox, Sandbox
@@ -118,11 +119,6 @@ class InstantJail(Jail):
 
     async def stop(self) -> None:
         pass
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def close_fds(process: JailProcess) -> None:
@@ -213,19 +209,6 @@ async def run_client(mode: str, url: str, sandbox_id: str, count: int) -> Any:
     if child.returncode != 0:
         raise SystemExit(f"the SDK client ({mode}) failed")
     return json.loads(out)
-
-
-async def mount_overlay(lower: Path, base: Path) -> Path:
-    upper, work, merged = base / "upper", base / "work", base / "merged"
-    for d in (upper, work, merged):
-        d.mkdir(parents=True)
-    options = f"lowerdir={lower},upperdir={upper},workdir={work}"
-    mount = await asyncio.create_subprocess_exec(
-        "mount", "-t", "overlay", "overlay", "-o", options, str(merged)
-    )
-    if await mount.wait() != 0:
-        raise SystemExit(f"cannot mount an overlay on {lower}")
-    return merged
 
 
 def row(name: str, samples: list[float], target: str) -> str:

@@ -21,6 +21,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from benchlib import mount_overlay, percentile
+
 from coppice_api.jails.runtime.base import ExecSpec, Limits, User
 from coppice_api.jails.runtime.linux import LinuxJail, LinuxRuntime
 
@@ -28,11 +30,6 @@ ROOT = User("root", 0, 0, "/root", (0,))
 ENV = {"PATH": "/usr/bin:/bin"}
 
 TESTS_DIR = str(Path(__file__).resolve().parent.parent / "tests")
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def timed(action: Callable[[], Awaitable[object]]) -> float:
@@ -52,19 +49,6 @@ async def jail_true(jail: LinuxJail) -> None:
     for fd in (process.stdin_fd, process.stdout_fd, process.stderr_fd):
         if fd is not None:
             os.close(fd)
-
-
-async def mount_overlay(lower: Path, base: Path) -> Path:
-    upper, work, merged = base / "upper", base / "work", base / "merged"
-    for d in (upper, work, merged):
-        d.mkdir(parents=True)
-    options = f"lowerdir={lower},upperdir={upper},workdir={work}"
-    mount = await asyncio.create_subprocess_exec(
-        "mount", "-t", "overlay", "overlay", "-o", options, str(merged)
-    )
-    if await mount.wait() != 0:
-        raise SystemExit(f"cannot mount an overlay on {lower}")
-    return merged
 
 
 def idle_cost(jail: LinuxJail) -> tuple[int, int, int]:
