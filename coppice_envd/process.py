@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
@@ -24,6 +24,7 @@ from coppice_envd.paths import PathExpansionError, expand_and_resolve
 from coppice_envd.process_table import (
     Ended,
     InputFailed,
+    ManagedProcess,
     Output,
     ProcessError,
     ProcessNotFound,
@@ -110,6 +111,15 @@ def _selector(message: pb.ProcessSelector) -> Selector:
 
 def _rpc_error(exc: ProcessError) -> ConnectError:
     return ConnectError(_ERROR_CODES.get(type(exc), Code.INTERNAL), str(exc))
+
+
+@contextlib.contextmanager
+def _as_rpc_errors() -> Iterator[None]:
+    """Process-table errors raised inside become the Connect errors envd answers with."""
+    try:
+        yield
+    except ProcessError as exc:
+        raise _rpc_error(exc) from exc
 
 
 def _prepare(scope: RequestScope, cwd: str) -> tuple[User, str]:
@@ -226,11 +236,8 @@ class ProcessService:
         ctx: RequestContext[pb.ConnectRequest, pb.ConnectResponse],
     ) -> AsyncIterator[pb.ConnectResponse]:
         selector = _selector(request.process)
-        try:
-            table = await self._current_table()
-            subscription = table.connect(selector)
-        except ProcessError as exc:
-            raise _rpc_error(exc) from exc
+        with _as_rpc_errors():
+            subscription = (await self._current_table()).connect(selector)
         async with contextlib.aclosing(
             _events(subscription, ctx.request_headers, ctx.timeout_ms)
         ) as events:
@@ -268,10 +275,7 @@ class ProcessService:
             which = message.WhichOneof("event")
             if which == "start":
                 target = _selector(message.start.process)
-                try:
-                    (await self._current_table()).get(target)
-                except ProcessError as exc:
-                    raise _rpc_error(exc) from exc
+                await self._process(target)  # not_found before any input arrives
             elif which == "data":
                 if target is None:
                     raise ConnectError(
@@ -290,11 +294,9 @@ class ProcessService:
             raise ConnectError(
                 Code.UNIMPLEMENTED, f"invalid signal: {pb.Signal.Name(request.signal)}"
             )
-        try:
-            table = await self._current_table()
-            await table.get(_selector(request.process)).send_signal(signum)
-        except ProcessError as exc:
-            raise _rpc_error(exc) from exc
+        process = await self._process(_selector(request.process))
+        with _as_rpc_errors():
+            await process.send_signal(signum)
         return pb.SendSignalResponse()
 
     async def close_stdin(
@@ -302,38 +304,35 @@ class ProcessService:
         request: pb.CloseStdinRequest,
         ctx: RequestContext[pb.CloseStdinRequest, pb.CloseStdinResponse],
     ) -> pb.CloseStdinResponse:
-        try:
-            table = await self._current_table()
-            table.get(_selector(request.process)).close_stdin()
-        except ProcessError as exc:
-            raise _rpc_error(exc) from exc
+        process = await self._process(_selector(request.process))
+        with _as_rpc_errors():
+            process.close_stdin()
         return pb.CloseStdinResponse()
 
     async def update(
         self, request: pb.UpdateRequest, ctx: RequestContext[pb.UpdateRequest, pb.UpdateResponse]
     ) -> pb.UpdateResponse:
-        try:
-            table = await self._current_table()
-            managed = table.get(_selector(request.process))
-            if request.HasField("pty"):
-                managed.resize(request.pty.size.rows, request.pty.size.cols)
-        except ProcessError as exc:
-            raise _rpc_error(exc) from exc
+        process = await self._process(_selector(request.process))
+        if request.HasField("pty"):
+            with _as_rpc_errors():
+                process.resize(request.pty.size.rows, request.pty.size.cols)
         return pb.UpdateResponse()
 
     async def _write(self, selector: Selector, data: pb.ProcessInput) -> None:
         which = data.WhichOneof("input")
         if which is None:
             raise ConnectError(Code.UNIMPLEMENTED, "invalid input type: input not set")
-        try:
-            table = await self._current_table()
-            managed = table.get(selector)
+        process = await self._process(selector)
+        with _as_rpc_errors():
             if which == "stdin":
-                await managed.write_stdin(data.stdin)
+                await process.write_stdin(data.stdin)
             else:
-                await managed.write_pty(data.pty)
-        except ProcessError as exc:
-            raise _rpc_error(exc) from exc
+                await process.write_pty(data.pty)
+
+    async def _process(self, selector: Selector) -> ManagedProcess[pb.ProcessConfig]:
+        """The process a request addresses (not_found when there is none)."""
+        with _as_rpc_errors():
+            return (await self._current_table()).get(selector)
 
 
 async def _events(
