@@ -346,6 +346,40 @@ def test_mirror_comes_from_debian_sources(tmp_path: Path) -> None:
 
 
 # Real builds ----------------------------------------------------------------------------------
+# The head of Debian 12's stock /etc/profile, which forks `id -u` in every login shell.
+DEBIAN_PROFILE_HEAD = """if [ "$(id -u)" -eq 0 ]; then
+  PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+else
+  PATH="/usr/local/bin:/usr/bin:/bin:/usr/local/games:/usr/games"
+fi
+export PATH
+"""
+ROOT_LOGIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+USER_LOGIN_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/games:/usr/games"
+
+
+def _login_path(profile: str, uid: int) -> subprocess.CompletedProcess[str]:
+    """bash as `uid` sourcing `profile` with no `id` anywhere on its PATH."""
+    return subprocess.run(
+        ["/usr/bin/setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+         "/bin/bash", "-s"],
+        input=profile + 'echo "$PATH"\n', env={"PATH": "/nonexistent"},
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(("uid", "path"), [(0, ROOT_LOGIN_PATH), (1000, USER_LOGIN_PATH)])
+def test_base_login_profile_needs_no_id(tmp_path: Path, uid: int, path: str) -> None:
+    (tmp_path / "etc" / "sudoers.d").mkdir(parents=True)
+    (tmp_path / "etc" / "profile").write_text(DEBIAN_PROFILE_HEAD)
+    assert "id: command not found" in _login_path(DEBIAN_PROFILE_HEAD, uid).stderr
+
+    templates._configure_base(tmp_path)
+
+    login = _login_path((tmp_path / "etc" / "profile").read_text(), uid)
+    assert (login.stdout.strip(), login.stderr) == (path, "")
+
+
 def _passwd_entry(root: Path, user: str) -> list[str]:
     for line in (root / "etc" / "passwd").read_text().splitlines():
         fields = line.split(":")
@@ -370,6 +404,7 @@ def test_built_base_has_user_home_python_sudo(base_template_root: Path) -> None:
     assert "localhost" in (root / "etc" / "hosts").read_text()
     assert "myhostname" in (root / "etc" / "nsswitch.conf").read_text()
     assert not list((root / "var" / "cache" / "apt" / "archives").glob("*.deb"))
+    assert '"${EUID:-$(id -u)}"' in (root / "etc" / "profile").read_text()
 
 
 @pytest.mark.slow

@@ -49,7 +49,7 @@ DEFAULT_ENV: Mapping[str, str] = {
     "LANG": "C.UTF-8",
 }
 # Bump when the build steps (not the package lists) change, to invalidate cached builds.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 _LOCK_POLL_SECONDS = 0.2
 _MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -595,7 +595,8 @@ chroot "$root" apt-get install -y --no-install-recommends "$@"
 
 
 def _configure_base(rootfs: Path) -> None:
-    """Passwordless sudo for the default user; hostname and hosts fit for a jail."""
+    """Passwordless sudo for the default user; hostname and hosts fit for a jail; a login
+    profile that does not fork."""
     sudoers = rootfs / "etc" / "sudoers.d" / DEFAULT_USER
     sudoers.write_text(f"{DEFAULT_USER} ALL=(ALL) NOPASSWD:ALL\n")
     sudoers.chmod(0o440)
@@ -603,6 +604,12 @@ def _configure_base(rootfs: Path) -> None:
     (rootfs / "etc" / "hosts").write_text(
         "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
     )
+    # Debian's /etc/profile runs `id -u` in every login shell, and every `commands.run` is one
+    # (`bash -l -c`): that fork+exec was half of a `commands.run("true")`. bash knows its EUID;
+    # other shells still ask `id`.
+    profile = rootfs / "etc" / "profile"
+    if profile.is_file() and not profile.is_symlink():
+        profile.write_text(profile.read_text().replace('"$(id -u)"', '"${EUID:-$(id -u)}"'))
 
 
 def _tidy_apt(rootfs: Path) -> None:
