@@ -22,13 +22,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from google.protobuf import json_format
-
 from coppice_api.jails.confined import ConfinedRoot
 from coppice_api.jails.runtime.base import User
 from coppice_envd import fsops
 from coppice_envd.accounts import Accounts
 from coppice_envd.auth import check_file_access, lookup_user
+from coppice_envd.codecs import message_to_json
 from coppice_envd.entryinfo import read_metadata, walk_entries
 from coppice_envd.envd_http import (
     ClientDisconnected,
@@ -477,8 +476,7 @@ def _list(files: FileRequest, path: str) -> list[dict[str, Any]]:
     try:
         accounts = Accounts.read(files.root)
         return [
-            json_format.MessageToDict(entry)
-            for entry in walk_entries(files.root, dir_fd, path, 1, accounts)
+            message_to_json(entry) for entry in walk_entries(files.root, dir_fd, path, 1, accounts)
         ]
     finally:
         os.close(dir_fd)
