@@ -40,6 +40,7 @@ from coppice_api.jails.runtime.linux import LinuxRuntime  # noqa: E402
 from coppice_api.jails.storage.overlay import OverlayStorage  # noqa: E402
 from coppice_api.jails.templates import TemplateStore  # noqa: E402
 from coppice_api.rest.app import bound_port, build_app, start_api  # noqa: E402
+from coppice_envd.app import run_servers  # noqa: E402
 
 KEY = "e2b_" + "be" * 20
 
@@ -178,7 +179,7 @@ def main() -> None:
     parser.add_argument("--serve", nargs=2, metavar=("DATA_DIR", "PORTS_FILE"), help="internal")
     args = parser.parse_args()
     if args.serve:
-        asyncio.run(serve(args.backend, Path(args.serve[0]), Path(args.serve[1])))
+        run_servers(serve(args.backend, Path(args.serve[0]), Path(args.serve[1])))
         return
 
     data_dir = Path(tempfile.mkdtemp(prefix="cpb-", dir="/tmp"))

@@ -34,7 +34,7 @@ from benchlib import mount_overlay, percentile
 
 from coppice_api.jails.runtime.base import Jail, Limits
 from coppice_api.jails.runtime.linux import LinuxRuntime
-from coppice_envd.app import build_gateway, serve_gateway
+from coppice_envd.app import build_gateway, run_servers, serve_gateway
 from coppice_envd.interpreter import Interpreter
 from coppice_envd.sandboxes import SandboxLookup, SandboxView
 
@@ -280,4 +280,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run_servers(main())

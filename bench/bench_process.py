@@ -50,7 +50,7 @@ from coppice_api.jails.runtime.base import (
     User,
 )
 from coppice_api.jails.runtime.linux import LinuxRuntime
-from coppice_envd.app import build_gateway, serve_gateway
+from coppice_envd.app import build_gateway, run_servers, serve_gateway
 from coppice_envd.process import ProcessService
 from coppice_envd.routing import RequestScope, enter_request
 from coppice_envd.sandboxes import DEFAULT_PATH, SandboxLookup, SandboxView
@@ -309,4 +309,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 6 and sys.argv[1] == "--client":
         client_main(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
     else:
-        asyncio.run(main())
+        run_servers(main())

@@ -27,7 +27,7 @@ from coppice_api.jails.templates import (
 )
 from coppice_api.rest.app import build_app, start_api
 from coppice_api.rest.auth import load_api_keys
-from coppice_envd.app import build_gateway, serve_gateway
+from coppice_envd.app import build_gateway, run_servers, serve_gateway
 from coppice_envd.interpreter import Interpreter
 from coppice_envd.process import ProcessService
 from coppice_envd.sandboxes import SandboxLookup, SandboxView
@@ -125,7 +125,7 @@ def run_template(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args))
+        run_servers(serve(args))
     return 0
 
 

@@ -14,9 +14,10 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
+import uvloop
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc_grpcreflect import (
@@ -59,6 +60,7 @@ from coppice_envd.routing import (
 from coppice_envd.sandboxes import SandboxLookup
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # envd sets no request size limit; this bounds one RPC message (e.g. a SendInput chunk).
 RPC_READ_MAX_BYTES = 32 * 1024 * 1024
@@ -341,6 +343,13 @@ def build_gateway(
         interpreter=interpreter,
         closables=closables,
     )
+
+
+def run_servers(main: Coroutine[Any, Any, _T]) -> _T:
+    """Run `main`, the servers' top-level coroutine, on the event loop they are built for:
+    uvloop, whose cheaper sockets and thread wake-ups show in every gateway call (bench/)."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
 
 
 def gateway_config(binds: Iterable[str]) -> Config:

@@ -6,6 +6,7 @@ import abc
 import asyncio
 import os
 import re
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,20 +39,19 @@ def check_name(kind: str, name: str) -> str:
 
 
 async def run_command(*argv: str) -> str:
-    """Run a command without blocking the event loop; return stdout or raise CommandFailed."""
+    """Run a command without blocking the event loop; return stdout or raise CommandFailed.
+
+    In a thread with `subprocess`, which spawns with vfork: the servers' uvloop forks, which
+    costs 3-12 ms per command in a large process (a zfs clone is ~20 ms in all)."""
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+        done = await asyncio.to_thread(
+            subprocess.run, argv, stdin=subprocess.DEVNULL, capture_output=True, check=False
         )
     except FileNotFoundError as e:
         raise StorageError(f"`{argv[0]}` is not installed: {e}") from e
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise CommandFailed(argv, proc.returncode or -1, err.decode(errors="replace"))
-    return out.decode(errors="replace")
+    if done.returncode != 0:
+        raise CommandFailed(argv, done.returncode or -1, done.stderr.decode(errors="replace"))
+    return done.stdout.decode(errors="replace")
 
 
 def pid_is_alive(pid: int) -> bool:
