@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import posixpath
 import stat
@@ -51,6 +52,7 @@ def _go_type_bits(mode: int) -> set[str]:
     return letters
 
 
+@functools.lru_cache(maxsize=4096)  # a few dozen distinct modes in any tree; every entry needs one
 def go_mode_string(mode: int) -> str:
     """Go's `FileMode.String()` of an st_mode, e.g. `-rw-r--r--`, `dtrwxrwxrwx`, `Lrwxrwxrwx`."""
     letters = _go_type_bits(mode)

@@ -48,7 +48,7 @@ class ConfinedRoot:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._host_prefix = os.readlink(f"/proc/self/fd/{self._root_fd}")
+        self._host_prefix: str | None = None  # what path_of strips; most users never need it
 
     def close(self) -> None:
         os.close(self._root_fd)
@@ -89,6 +89,8 @@ class ConfinedRoot:
     def path_of(self, fd: int) -> str:
         """The in-root path of an fd opened through this root."""
         host = os.readlink(f"/proc/self/fd/{fd}")
+        if self._host_prefix is None:
+            self._host_prefix = os.readlink(f"/proc/self/fd/{self._root_fd}")
         if host == self._host_prefix:
             return "/"
         prefix = self._host_prefix.rstrip("/") + "/"
