@@ -98,15 +98,13 @@ class UnknownUser(LookupError):
 
 def lookup_user(root: ConfinedRoot, name: str) -> User | None:
     """The sandbox's user `name` (blocking: reads its /etc/passwd)."""
-    return Accounts.read(root).user(root, name)
+    return Accounts.read(root).user(name)
 
 
-def effective_user(
-    accounts: Accounts, root: ConfinedRoot, basic_user: str | None, default_user: str
-) -> User:
+def effective_user(accounts: Accounts, basic_user: str | None, default_user: str) -> User:
     """The user a request acts as (§1.2); raises UnknownUser with envd's message."""
     name = basic_user if basic_user is not None else default_user
-    user = accounts.user(root, name)
+    user = accounts.user(name)
     if user is None:
         kind = "username" if basic_user is not None else "default user"
         raise UnknownUser(f"invalid {kind}: '{name}'")

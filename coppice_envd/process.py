@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 
@@ -17,7 +16,6 @@ from connectrpc.errors import ConnectError
 from connectrpc.request import Headers, RequestContext
 from process import process_pb2 as pb
 
-from coppice_api.jails.confined import ConfinedRoot
 from coppice_api.jails.runtime.base import ExecSpec, ExitStatus, User
 from coppice_envd.auth import UnknownUser
 from coppice_envd.paths import PathExpansionError, expand_and_resolve
@@ -35,6 +33,7 @@ from coppice_envd.process_table import (
     SpawnFailed,
     StdinNotClosable,
     Subscription,
+    WorkdirMissing,
 )
 from coppice_envd.routing import RequestScope, current_request
 from coppice_envd.sandboxes import SandboxView
@@ -109,6 +108,14 @@ def _selector(message: pb.ProcessSelector) -> Selector:
     raise ConnectError(Code.UNIMPLEMENTED, "invalid input type: process selector not set")
 
 
+async def _user(scope: RequestScope) -> User:
+    """The request's effective user; envd refuses an unknown one as unauthenticated."""
+    try:
+        return await scope.user()
+    except UnknownUser as exc:
+        raise ConnectError(Code.UNAUTHENTICATED, str(exc)) from None
+
+
 def _rpc_error(exc: ProcessError) -> ConnectError:
     return ConnectError(_ERROR_CODES.get(type(exc), Code.INTERNAL), str(exc))
 
@@ -120,26 +127,6 @@ def _as_rpc_errors() -> Iterator[None]:
         yield
     except ProcessError as exc:
         raise _rpc_error(exc) from exc
-
-
-def _prepare(scope: RequestScope, cwd: str) -> tuple[User, str]:
-    """The user a process runs as and its cwd, checked inside the sandbox root (blocking)."""
-    with ConfinedRoot(scope.sandbox.jail.root) as root:
-        try:
-            user = scope.user_sync(root)
-        except UnknownUser as exc:
-            raise ConnectError(Code.UNAUTHENTICATED, str(exc)) from None
-        try:
-            path = expand_and_resolve(cwd, user, scope.sandbox.default_workdir)
-        except PathExpansionError as exc:
-            raise ConnectError(
-                Code.INVALID_ARGUMENT, f"failed to expand path '{cwd}': {exc}"
-            ) from exc
-        try:
-            os.close(root.open(path, os.O_PATH))
-        except OSError:
-            raise ConnectError(Code.INVALID_ARGUMENT, f"cwd '{path}' does not exist") from None
-        return user, path
 
 
 class ProcessService:
@@ -177,10 +164,7 @@ class ProcessService:
         envd refuses an unknown one on every RPC (contract §1.2)."""
         scope = self._scope()
         if scope.basic_user is not None:
-            try:
-                await asyncio.to_thread(scope.user_sync)
-            except UnknownUser as exc:
-                raise ConnectError(Code.UNAUTHENTICATED, str(exc)) from None
+            await _user(scope)
         return self.table(scope.sandbox)
 
     # -- streams ---------------------------------------------------------------------------
@@ -190,9 +174,15 @@ class ProcessService:
     ) -> AsyncIterator[pb.StartResponse]:
         scope = self._scope()
         config = request.process
-        user, cwd = await asyncio.to_thread(
-            _prepare, scope, config.cwd if config.HasField("cwd") else ""
-        )
+        user = await _user(scope)
+        # Whether cwd exists is the jail's to say (WorkdirError), as the user, when it starts.
+        requested_cwd = config.cwd if config.HasField("cwd") else ""
+        try:
+            cwd = expand_and_resolve(requested_cwd, user, scope.sandbox.default_workdir)
+        except PathExpansionError as exc:
+            raise ConnectError(
+                Code.INVALID_ARGUMENT, f"failed to expand path '{requested_cwd}': {exc}"
+            ) from exc
         env = {**scope.sandbox.process_env(user), **config.envs}
         pty = (request.pty.size.rows, request.pty.size.cols) if request.HasField("pty") else None
         original = pb.ProcessConfig()
@@ -218,6 +208,8 @@ class ProcessService:
                     raise
                 subscription = await start([*UNEXECUTABLE_FALLBACK, *argv])
         except SpawnFailed as exc:
+            if isinstance(exc, WorkdirMissing):
+                raise ConnectError(Code.INVALID_ARGUMENT, f"cwd '{cwd}' does not exist") from None
             what = "pty with command" if pty is not None else "process"
             raise ConnectError(
                 Code.INVALID_ARGUMENT, f"error starting {what} '{' '.join(argv)}': {exc}"

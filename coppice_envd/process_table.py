@@ -30,6 +30,7 @@ from coppice_api.jails.runtime.base import (
     Jail,
     JailError,
     JailProcess,
+    WorkdirError,
 )
 from coppice_api.jails.runtime.base import ProcessNotFound as ProcessGone
 
@@ -78,6 +79,13 @@ class SpawnFailed(ProcessError):
     def __init__(self, message: str, *, unexecutable: bool) -> None:
         super().__init__(message)
         self.unexecutable = unexecutable
+
+
+class WorkdirMissing(SpawnFailed):
+    """The process's working directory does not exist."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, unexecutable=False)
 
 
 class InputFailed(ProcessError):
@@ -511,6 +519,10 @@ class ProcessTable(Generic[C]):
         """Spawn a process and return a subscription made before any of its output is read."""
         try:
             proc = await self.jail.exec(spec)
+        except WorkdirError as exc:
+            if exc.errno == errno.ENOENT:
+                raise WorkdirMissing(str(exc)) from exc
+            raise SpawnFailed(str(exc), unexecutable=False) from exc
         except ExecError as exc:
             raise SpawnFailed(str(exc), unexecutable=exc.errno in _UNEXECUTABLE) from exc
         except (JailError, OSError) as exc:

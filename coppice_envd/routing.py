@@ -98,9 +98,19 @@ class RequestScope:
             if root is None:
                 with ConfinedRoot(self.sandbox.jail.root) as own_root:
                     return self.user_sync(own_root)
-            self._user = effective_user(
-                self.accounts_sync(root), root, self.basic_user, self.sandbox.default_user
-            )
+            accounts = self.accounts_sync(root)
+            self._user = effective_user(accounts, self.basic_user, self.sandbox.default_user)
+        return self._user
+
+    async def user(self) -> User:
+        """The effective user (raises auth.UnknownUser): from accounts known to be current
+        without a thread when they are, else read in one."""
+        if self._user is None:
+            accounts = self._accounts or Accounts.current(self.sandbox.jail.root)
+            if accounts is None:
+                return await asyncio.to_thread(self.user_sync)
+            self._accounts = accounts
+            self._user = effective_user(accounts, self.basic_user, self.sandbox.default_user)
         return self._user
 
 
@@ -124,10 +134,7 @@ def current_sandbox() -> SandboxView:
 async def current_user() -> User:
     """The effective user of the request being served. An unknown user raises the Connect
     `unauthenticated` error envd answers with (`invalid username: '<name>'`)."""
-    scope = _current.get()
-    if scope._user is not None:
-        return scope._user
     try:
-        return await asyncio.to_thread(scope.user_sync)
+        return await _current.get().user()
     except UnknownUser as e:
         raise ConnectError(Code.UNAUTHENTICATED, str(e)) from e

@@ -37,6 +37,7 @@ from coppice_api.jails.runtime.base import (
     JailProcess,
     JailStats,
     User,
+    WorkdirError,
 )
 from coppice_api.jails.runtime.base import ProcessNotFound as ProcessGone
 from coppice_envd.auth import basic_auth_user
@@ -96,6 +97,8 @@ class HostJail(Jail):
         if shutil.which(spec.argv[0], path=spec.env.get("PATH", os.defpath)) is None:
             raise ExecError(errno.ENOENT, f"{spec.argv[0]}: No such file or directory")
         cwd = self.root / spec.cwd.lstrip("/")
+        if not cwd.is_dir():
+            raise WorkdirError(errno.ENOENT, f"{spec.cwd}: No such file or directory")
         ours: dict[str, int | None] = {"stdin": None, "stdout": None, "stderr": None, "pty": None}
         argv = ["env", "-C", str(cwd), "--", *spec.argv]
         if spec.pty is None:
@@ -383,6 +386,25 @@ async def test_cwd_resolution(
 ) -> None:
     await run(service, "true", cwd=cwd)
     assert sandbox.jail.specs[-1].cwd == expected
+
+
+async def test_start_needs_no_thread_once_accounts_are_current(
+    service: ProcessService, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The user comes from accounts an inotify watch vouches for, the cwd check from the jail:
+    a Start does no file I/O of its own, so it never waits for a worker thread."""
+    await run(service, "true")  # reads the accounts (in a thread) and watches /etc
+
+    def no_threads(*_: object) -> None:
+        raise AssertionError("a Start went to a thread")
+
+    monkeypatch.setattr(asyncio, "to_thread", no_threads)
+    assert (await run(service, "id -u")).end.exit_code == 0
+    with pytest.raises(ConnectError, match="does not exist"):
+        await run(service, "true", cwd="/nowhere")
+    (sandbox.view.jail.root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    with pytest.raises(AssertionError, match="went to a thread"):  # changed: read again
+        await run(service, "true")
 
 
 async def test_missing_cwd_is_invalid_argument(service: ProcessService) -> None:

@@ -25,6 +25,7 @@ from coppice_api.jails.runtime.base import (
     Limits,
     ProcessNotFound,
     User,
+    WorkdirError,
 )
 from coppice_api.jails.runtime.cgroups import CgroupLayout
 from coppice_api.jails.runtime.linux import LinuxJail, LinuxRuntime
@@ -32,6 +33,7 @@ from coppice_api.jails.users import lookup_user
 
 REPO = Path(__file__).resolve().parent.parent
 ROOT_USER = User("root", 0, 0, "/root", (0,))
+NOBODY = User("nobody", 65534, 65534, "/nonexistent", (65534,))
 ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 # Generous bound so a broken jail fails the test instead of hanging it; never a speed check.
 HANG = 60.0
@@ -314,9 +316,14 @@ async def test_exec_failures_are_errors_not_processes(jail: LinuxJail) -> None:
     with pytest.raises(ExecError) as missing:
         await jail.exec(ExecSpec(["no-such-program"], ROOT_USER, "/", ENV))
     assert missing.value.errno == errno.ENOENT
-    with pytest.raises(ExecError) as bad_cwd:
+    assert not isinstance(missing.value, WorkdirError)
+    with pytest.raises(WorkdirError) as bad_cwd:
         await jail.exec(ExecSpec(["true"], ROOT_USER, "/no/such/dir", ENV))
     assert bad_cwd.value.errno == errno.ENOENT
+    await sh(jail, "mkdir -p /root/private && chmod 700 /root")
+    with pytest.raises(WorkdirError) as not_for_user:  # checked as the process's own user
+        await jail.exec(ExecSpec(["true"], NOBODY, "/root/private", ENV))
+    assert not_for_user.value.errno == errno.EACCES
     await sh(jail, "echo > /not-executable")
     with pytest.raises(ExecError) as denied:
         await jail.exec(ExecSpec(["/not-executable"], ROOT_USER, "/", ENV))

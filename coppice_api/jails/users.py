@@ -18,7 +18,12 @@ class UnknownUser(Exception):
 
 def lookup_user(root: ConfinedRoot, name: str) -> User:
     """The user called `name` (or, if `name` is a number and no user has that name, by uid)."""
-    entries = _entries(root, "/etc/passwd", 7)
+    return find_user(_text(root, "/etc/passwd"), _text(root, "/etc/group"), name)
+
+
+def find_user(passwd: str, group: str, name: str) -> User:
+    """`lookup_user` on the texts of /etc/passwd and /etc/group."""
+    entries = _entries(passwd, 7)
     entry = next((e for e in entries if e[0] == name), None)
     if entry is None and name.isdigit():
         entry = next((e for e in entries if e[2] == name), None)
@@ -30,18 +35,22 @@ def lookup_user(root: ConfinedRoot, name: str) -> User:
     primary = int(gid)
     supplementary = [
         int(group_id)
-        for _, _, group_id, members in _entries(root, "/etc/group", 4)
+        for _, _, group_id, members in _entries(group, 4)
         if user_name in members.split(",") and group_id.isdigit()
     ]
     groups = (primary, *sorted(set(supplementary) - {primary}))
     return User(name=user_name, uid=int(uid), gid=primary, home=home, groups=groups)
 
 
-def _entries(root: ConfinedRoot, path: str, fields: int) -> list[list[str]]:
-    """The well-formed lines of a colon-separated file; a missing file has none."""
+def _text(root: ConfinedRoot, path: str) -> str:
+    """A database's text; a missing file is empty."""
     try:
-        text = root.read_bytes(path, _MAX_FILE_BYTES).decode(errors="replace")
+        return root.read_bytes(path, _MAX_FILE_BYTES).decode(errors="replace")
     except FileNotFoundError:
-        return []
+        return ""
+
+
+def _entries(text: str, fields: int) -> list[list[str]]:
+    """The well-formed lines of a colon-separated file."""
     rows = (line.split(":") for line in text.splitlines() if not line.startswith("#"))
     return [row for row in rows if len(row) == fields]

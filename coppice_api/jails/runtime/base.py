@@ -20,6 +20,11 @@ class ExecError(JailError):
         self.errno = errno
 
 
+class WorkdirError(ExecError):
+    """The process's working directory could not be entered (`errno` from chdir, as the
+    process's user): the runtime checks it, so callers need not look first."""
+
+
 class ProcessNotFound(JailError):
     """No process with that pid runs in the jail (any more)."""
 
@@ -103,7 +108,8 @@ class Jail(abc.ABC):
 
     @abc.abstractmethod
     async def exec(self, spec: ExecSpec) -> JailProcess:
-        """Start a process; ExecError if it cannot be started (nothing is left running then)."""
+        """Start a process; ExecError if it cannot be started (nothing is left running then),
+        WorkdirError when that is because its user cannot enter `spec.cwd`."""
 
     @abc.abstractmethod
     async def signal(self, pid: int, signum: int) -> None:

@@ -24,8 +24,9 @@
  *                 (each NUL-terminated), with 3 fds (stdin, stdout, stderr) as SCM_RIGHTS unless
  *                 rows != 0, which asks for a new pseudo-terminal instead.
  *   reply         struct reply {REPLY_STARTED, pid} (+ the PTY master fd as SCM_RIGHTS), or
- *                 {REPLY_FAILED, errno} + a message; later {REPLY_EXITED, pid, wait status} on
- *                 the same connection when that process ends.
+ *                 {REPLY_FAILED, errno} + a message ({REPLY_NO_WORKDIR, errno} when it was the
+ *                 chdir to cwd that failed); later {REPLY_EXITED, pid, wait status} on the same
+ *                 connection when that process ends.
  *   signal        struct signal_req -> {REPLY_SIGNALLED, pid, 0 or errno (ESRCH: no such pid)}.
  */
 #define _GNU_SOURCE
@@ -54,7 +55,7 @@
 #include <linux/capability.h>
 
 enum { OP_EXEC = 1, OP_SIGNAL = 2 };
-enum { REPLY_STARTED = 1, REPLY_FAILED = 2, REPLY_EXITED = 3, REPLY_SIGNALLED = 4 };
+enum { REPLY_STARTED = 1, REPLY_FAILED = 2, REPLY_EXITED = 3, REPLY_SIGNALLED = 4, REPLY_NO_WORKDIR = 5 };
 
 struct exec_req {
     uint32_t op, uid, gid, ngroups, argc, envc;
@@ -268,10 +269,12 @@ static void exec_in_path(char **argv, char **envp)
     errno = found_but_denied ? EACCES : ENOENT;
 }
 
-/* In the forked child: become the requested process; on failure report on err_fd. */
+/* In the forked child: become the requested process; on failure report on err_fd as
+ * "<errno> <reply kind> <stage>: <strerror>". */
 static void become(const struct exec_args *a, const int *stdio, int pty_master, int err_fd)
 {
     const char *stage = "setsid";
+    int kind = REPLY_FAILED;
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
@@ -299,14 +302,16 @@ static void become(const struct exec_args *a, const int *stdio, int pty_master, 
     if (setgroups(a->hdr.ngroups, a->groups) < 0 || setgid(a->hdr.gid) < 0 || setuid(a->hdr.uid) < 0)
         goto fail;
     stage = a->cwd;
+    kind = REPLY_NO_WORKDIR;
     if (chdir(a->cwd) < 0) goto fail;
+    kind = REPLY_FAILED;
     umask(022);
     stage = a->argv[0];
     exec_in_path(a->argv, a->envp);
 fail:;
     char msg[512];
     int err = errno;
-    int n = snprintf(msg, sizeof msg, "%d %s: %s", err, stage, strerror(err));
+    int n = snprintf(msg, sizeof msg, "%d %d %s: %s", err, kind, stage, strerror(err));
     if (write(err_fd, msg, (size_t)n) < 0) { /* the parent sees a bare failure then */ }
     _exit(127);
 }
@@ -382,9 +387,11 @@ static void handle_exec(int conn, size_t len, const int *fds, size_t nfds)
     do n = read(errpipe[0], msg, sizeof msg - 1); while (n < 0 && errno == EINTR);
     if (n > 0) {
         msg[n] = '\0';
-        char *text = strchr(msg, ' ');
+        char *kind = strchr(msg, ' ');
+        char *text = kind ? strchr(kind + 1, ' ') : NULL;
         waitpid(pid, NULL, 0);
-        send_reply(conn, REPLY_FAILED, 0, atoi(msg), text ? text + 1 : msg, -1);
+        send_reply(conn, kind && atoi(kind + 1) == REPLY_NO_WORKDIR ? REPLY_NO_WORKDIR : REPLY_FAILED,
+                   0, atoi(msg), text ? text + 1 : msg, -1);
         goto out;
     }
     children = grow(children, &children_cap, nchildren + 1, sizeof *children);

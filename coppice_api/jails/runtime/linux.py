@@ -38,6 +38,7 @@ from coppice_api.jails.runtime.base import (
     Limits,
     ProcessNotFound,
     Runtime,
+    WorkdirError,
 )
 from coppice_api.jails.runtime.cgroups import CgroupLayout, SandboxCgroups
 
@@ -50,7 +51,7 @@ _SANDBOX_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
 # Wire format shared with coppice_init.c (native byte order: both ends are on this host).
 _OP_EXEC, _OP_SIGNAL = 1, 2
-_REPLY_STARTED, _REPLY_FAILED, _REPLY_EXITED, _REPLY_SIGNALLED = 1, 2, 3, 4
+_REPLY_STARTED, _REPLY_FAILED, _REPLY_EXITED, _REPLY_SIGNALLED, _REPLY_NO_WORKDIR = 1, 2, 3, 4, 5
 _EXEC_REQUEST = struct.Struct("=6I2H")  # op uid gid ngroups argc envc rows cols
 _SIGNAL_REQUEST = struct.Struct("=Iii")  # op pid signo
 _REPLY = struct.Struct("=Iii")  # kind pid value (errno or wait status) + optional text
@@ -278,8 +279,9 @@ class LinuxJail(Jail):
                     os.close(fd)
             reply, fds = await _receive(conn)
             kind, pid, value = _parse_reply(reply)
-            if kind == _REPLY_FAILED:
-                raise ExecError(value, reply[_REPLY.size :].decode(errors="replace"))
+            if kind in (_REPLY_FAILED, _REPLY_NO_WORKDIR):
+                error = WorkdirError if kind == _REPLY_NO_WORKDIR else ExecError
+                raise error(value, reply[_REPLY.size :].decode(errors="replace"))
             if kind != _REPLY_STARTED or len(fds) != (0 if spec.pty is None else 1):
                 for fd in fds:
                     os.close(fd)
