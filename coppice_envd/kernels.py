@@ -91,6 +91,9 @@ _IPYTHON_OPTIONS = (
     "--HistoryManager.enabled=False",
     "--IPKernelApp.log_level=ERROR",
 )
+# ipykernel sleeps 0.5 ms before every execute_reply (`_execute_sleep`, a workaround for clients
+# that read only the reply; we wait for the idle status, which follows every output on iopub).
+_KERNEL_OPTIONS = ("--Kernel._execute_sleep=0",)
 
 # ipykernel imports debugpy (half a second, with a pkg_resources scan) and IPython imports jedi,
 # for a debugger and completions the code-interpreter API never uses: hidden while the kernel
@@ -103,6 +106,22 @@ _QUICK_LOAD = (
     "import ipykernel.ipkernel, ipykernel.kernelapp, IPython.core.completer\n"
     "del sys.modules['debugpy'], sys.modules['jedi']\n"
 )
+# Before each execute_reply ipykernel flushes stdout and stderr, each a round trip to its IOPub
+# thread (and a tussle for the GIL) even when there is nothing to send: skipped when nothing is
+# buffered or pending. With `_execute_sleep` gone too, a `run_code("x = 1")` took ~3 ms less
+# here. Kernels whose OutStream lacks these attributes keep their own flush.
+_QUICK_FLUSH = (
+    "import ipykernel.iostream as _iostream\n"
+    "def _flush_unless_idle(self, _flush=_iostream.OutStream.flush):\n"
+    "    lock = getattr(self, '_buffer_lock', None)\n"
+    "    if lock is not None and not getattr(self, '_flush_pending', True):\n"
+    "        with lock:\n"
+    "            if not self._buffer.tell():\n"
+    "                return\n"
+    "    _flush(self)\n"
+    "_iostream.OutStream.flush = _flush_unless_idle\n"
+    "del _iostream, _flush_unless_idle\n"
+)
 
 LANGUAGES: Mapping[str, KernelLanguage] = {
     "python": KernelLanguage(
@@ -110,8 +129,9 @@ LANGUAGES: Mapping[str, KernelLanguage] = {
         (
             "python3",
             "-c",
-            f"{_QUICK_LOAD}ipykernel.kernelapp.launch_new_instance()\n",
+            f"{_QUICK_LOAD}{_QUICK_FLUSH}ipykernel.kernelapp.launch_new_instance()\n",
             *_IPYTHON_OPTIONS,
+            *_KERNEL_OPTIONS,
         ),
     ),
     "bash": KernelLanguage(
@@ -119,9 +139,10 @@ LANGUAGES: Mapping[str, KernelLanguage] = {
         (
             "python3",
             "-c",
-            f"{_QUICK_LOAD}import runpy\n"
+            f"{_QUICK_LOAD}{_QUICK_FLUSH}import runpy\n"
             f"runpy.run_path('{KERNEL_DIR}/{_BASH_KERNEL_FILE}', run_name='__main__')\n",
             "--IPKernelApp.log_level=ERROR",
+            *_KERNEL_OPTIONS,
         ),
         needs_bash_kernel=True,
     ),

@@ -195,6 +195,29 @@ def test_stdout_stderr_and_callbacks(sandbox: Sandbox) -> None:
     assert ("err", "err\n") in seen
 
 
+def test_kernels_reply_without_idle_flushes_and_sleep(sandbox: Sandbox) -> None:
+    """The kernel is launched without ipykernel's per-reply sleep and with a flush that skips
+    its IOPub round trip when nothing is buffered, while output from C, subprocesses and
+    threads still arrives before the call ends."""
+    probe = sandbox.run_code(
+        "import ipykernel.iostream\n"
+        "print(get_ipython().kernel._execute_sleep, ipykernel.iostream.OutStream.flush.__name__)"
+    )
+    assert probe.logs.stdout == ["0.0 _flush_unless_idle\n"]
+    execution = sandbox.run_code(
+        "import os, subprocess, threading\n"
+        "os.write(1, b'from C\\n')\n"
+        "subprocess.run(['echo', 'from a child'])\n"
+        "t = threading.Thread(target=print, args=('from a thread',)); t.start(); t.join()\n"
+        "x = 1"
+    )
+    assert "".join(execution.logs.stdout).splitlines() == [
+        "from C", "from a child", "from a thread"
+    ]  # fmt: skip
+    bash = sandbox.create_code_context(language="bash")
+    assert sandbox.run_code("echo $((6 * 7))", context=bash).logs.stdout == ["42\n"]
+
+
 def test_timeout_interrupts_and_next_call_works(sandbox: Sandbox) -> None:
     sandbox.run_code("kept = 'still here'")
     with pytest.raises(Exception, match="timed out"):
