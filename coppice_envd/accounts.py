@@ -125,6 +125,9 @@ class _EtcWatches:
         """Watch the root's /etc (blocking); the generation to stamp what is read next with, or
         None when /etc cannot be trusted to tell (not a plain directory, or symlinked
         databases: changes elsewhere would not show)."""
+        with self._lock:
+            if key in self._armed:  # watched since before: any change since is a queued event
+                return self._armed[key][1]
         try:
             etc = root.open("/etc", os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
         except OSError:

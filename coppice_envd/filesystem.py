@@ -66,6 +66,8 @@ class Operation:
 async def run_operation(work: Callable[[Operation], _T]) -> _T:
     """Run `work` in a thread against the current request's sandbox."""
     scope = current_request()
+    with contextlib.suppress(UnknownUser):  # raised again in the thread, as the RPC error
+        scope.user_now()  # when the accounts are current, the thread need not read them
 
     def in_thread() -> _T:
         with ConfinedRoot(scope.sandbox.jail.root) as root:

@@ -102,16 +102,21 @@ class RequestScope:
             self._user = effective_user(accounts, self.basic_user, self.sandbox.default_user)
         return self._user
 
-    async def user(self) -> User:
-        """The effective user (raises auth.UnknownUser): from accounts known to be current
-        without a thread when they are, else read in one."""
+    def user_now(self) -> User | None:
+        """The effective user if the sandbox's accounts are known to be current without reading
+        them, else None; never blocks (raises auth.UnknownUser)."""
         if self._user is None:
             accounts = self._accounts or Accounts.current(self.sandbox.jail.root)
             if accounts is None:
-                return await asyncio.to_thread(self.user_sync)
+                return None
             self._accounts = accounts
             self._user = effective_user(accounts, self.basic_user, self.sandbox.default_user)
         return self._user
+
+    async def user(self) -> User:
+        """The effective user (raises auth.UnknownUser), read in a thread only when needed."""
+        user = self.user_now()
+        return user if user is not None else await asyncio.to_thread(self.user_sync)
 
 
 _current: ContextVar[RequestScope] = ContextVar("coppice_gateway_request")

@@ -17,8 +17,9 @@ Choices:
   Every step execs the next, so the host pid of jexec is the process itself (pids are global on
   FreeBSD: it is also the pid seen inside the jail).
 - Limitations: a missing program or bad cwd ends as exit code 127 / 1 from the shell rather than
-  an ExecError / WorkdirError (so envd's "cwd does not exist" answer is not given here); no PTY processes yet; pause is SIGSTOP/SIGCONT of the jail's processes, which a
-  process forked during the `pkill` scan can escape.
+  an ExecError / WorkdirError (so envd's "cwd does not exist" answer is not given here); no PTY
+  processes yet; pause is SIGSTOP/SIGCONT of the jail's processes, which a process forked during
+  the `pkill` scan can escape.
 """
 
 from __future__ import annotations
