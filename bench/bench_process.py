@@ -25,6 +25,7 @@ import os
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -134,8 +135,8 @@ async def timed(action: Callable[[], Awaitable[object]]) -> float:
 
 
 async def host_true() -> None:
-    process = await asyncio.create_subprocess_exec("/bin/true")
-    await process.wait()
+    # As coppice_api spawns commands: subprocess (vfork) from a thread, never uvloop's fork.
+    await asyncio.to_thread(subprocess.run, ["/bin/true"], check=True)
 
 
 async def jail_run(jail: Jail, spec: ExecSpec) -> None:
