@@ -12,6 +12,7 @@ input, results and errors stay json_format's.
 from __future__ import annotations
 
 import base64
+import functools
 import gzip
 import json
 import re
@@ -40,7 +41,6 @@ _64_BIT_INTEGERS = frozenset(
     }
 )
 _FLOATS = frozenset({FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE})
-_ENCODERS: dict[str, _ToJSON] = {}
 
 
 def message_to_json(message: Message) -> Any:
@@ -48,14 +48,8 @@ def message_to_json(message: Message) -> Any:
     return _encoder(cast(Descriptor, message.DESCRIPTOR))(message)
 
 
+@functools.cache  # one encoder per message type, for the life of the process
 def _encoder(descriptor: Descriptor) -> _ToJSON:
-    encoder = _ENCODERS.get(descriptor.full_name)
-    if encoder is None:
-        encoder = _ENCODERS[descriptor.full_name] = _compile(descriptor)
-    return encoder
-
-
-def _compile(descriptor: Descriptor) -> _ToJSON:
     if descriptor.full_name == "google.protobuf.Timestamp":
         return lambda message: message.ToJsonString()
     if descriptor.full_name.startswith("google.protobuf.") or any(
@@ -147,7 +141,6 @@ class _Unusual(Exception):
 
 
 _Reader = Callable[[Any, Any], None]  # (message, parsed JSON value): fills the message
-_READERS: dict[str, _Reader] = {}
 _INTEGER_TEXT = re.compile(r"-?[0-9]{1,20}")
 _INTEGER_RANGES = {
     FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
@@ -179,14 +172,8 @@ def _parse_json(data: bytes, message: Message) -> None:
     )
 
 
+@functools.cache  # one reader per message type, for the life of the process
 def _reader(descriptor: Descriptor) -> _Reader:
-    reader = _READERS.get(descriptor.full_name)
-    if reader is None:
-        reader = _READERS[descriptor.full_name] = _compile_reader(descriptor)
-    return reader
-
-
-def _compile_reader(descriptor: Descriptor) -> _Reader:
     setters: dict[str, tuple[FieldDescriptor, _Reader]] = {}
     for field in descriptor.fields:
         setters[field.json_name] = setters[field.name] = (field, _field_setter(field))
