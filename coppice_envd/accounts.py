@@ -143,9 +143,12 @@ class _EtcWatches:
                     pass  # creating it later is an event like any change
             with self._lock:
                 if key not in self._armed:
-                    if self._inotify is None:
-                        self._inotify = Inotify(sync_timeout=0)
-                    watch = self._inotify.add_watch(f"/proc/self/fd/{etc}", _ETC_EVENTS)
+                    try:
+                        if self._inotify is None:
+                            self._inotify = Inotify(sync_timeout=0)
+                        watch = self._inotify.add_watch(f"/proc/self/fd/{etc}", _ETC_EVENTS)
+                    except OSError:
+                        return None  # e.g. out of inotify watches: every request reads then
                     if self._roots.setdefault(watch.wd, key) != key:
                         return None  # another root's very directory (a bind mount): not ours
                     self._armed[key] = (watch.wd, next(self._counter))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from asyncinotify import Inotify
 
 from coppice_api.jails.confined import ConfinedRoot
 from coppice_envd.accounts import Accounts
@@ -93,6 +95,18 @@ def test_a_new_user_is_seen_at_once(root: Path) -> None:
     bob = current.user("bob")
     assert bob is not None
     assert bob.uid == 1001
+
+
+def test_without_inotify_watches_every_request_reads(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def out_of_watches(*_: object) -> None:
+        raise OSError(errno.ENOSPC, "inotify watch limit reached")
+
+    monkeypatch.setattr(Inotify, "add_watch", out_of_watches)
+    accounts = read(root)
+    assert accounts.user("user") is not None
+    assert Accounts.current(root) is None
 
 
 @pytest.fixture
