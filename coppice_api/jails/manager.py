@@ -176,6 +176,20 @@ class _Undo:
         self._steps.clear()
 
 
+@contextlib.asynccontextmanager
+async def _all_or_nothing(failure: str) -> AsyncIterator[_Undo]:
+    """Steps pushed on the yielded _Undo are taken back (shielded) when the block fails; an
+    error that is not already a SandboxError becomes OperationFailed("<failure>: <error>")."""
+    undo = _Undo()
+    try:
+        yield undo
+    except BaseException as e:
+        await asyncio.shield(undo.run())
+        if isinstance(e, Exception) and not isinstance(e, SandboxError):
+            raise OperationFailed(f"{failure}: {e}") from e
+        raise
+
+
 class SandboxManager:
     def __init__(
         self,
@@ -318,8 +332,7 @@ class SandboxManager:
     ) -> SandboxRecord:
         storage_template = info.name
         sandbox_id = new_id()
-        undo = _Undo()
-        try:
+        async with _all_or_nothing("Creating the sandbox failed") as undo:
             undo.push("destroy clone", lambda: self.storage.destroy(sandbox_id))
             root = await self.storage.clone(storage_template, sandbox_id)
             undo.push("remove jail leftovers", lambda: self.runtime.destroy_leftover(sandbox_id))
@@ -351,11 +364,6 @@ class SandboxManager:
                 disk_size_mb=self.disk_size_mb,
             )
             await self.registry.insert_sandbox(record)
-        except BaseException as e:
-            await asyncio.shield(undo.run())
-            if isinstance(e, Exception) and not isinstance(e, SandboxError):
-                raise OperationFailed(f"Creating the sandbox failed: {e}") from e
-            raise
         await self._new_jail(LiveSandbox(record, jail, info))
         self._wake_reaper.set()
         await self.log_event(sandbox_id, "info", "sandbox created", template=storage_template)
@@ -562,8 +570,7 @@ class SandboxManager:
             created_at=self._clock(),
         )
         jail = await self._jail_of(record) if record.state == "running" else None
-        undo = _Undo()
-        try:
+        async with _all_or_nothing(f"Snapshot of sandbox {record.id} failed") as undo:
             if jail is not None:
                 await jail.freeze()
                 undo.push("thaw", jail.thaw)
@@ -572,11 +579,6 @@ class SandboxManager:
             if jail is not None:
                 await jail.thaw()
             await self.registry.insert_snapshot(snapshot)
-        except BaseException as e:
-            await asyncio.shield(undo.run())
-            if isinstance(e, Exception) and not isinstance(e, SandboxError):
-                raise OperationFailed(f"Snapshot of sandbox {record.id} failed: {e}") from e
-            raise
         return snapshot
 
     async def list_snapshots(
