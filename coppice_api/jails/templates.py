@@ -33,7 +33,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from coppice_api.jails.confined import ConfinedRoot
-from coppice_api.jails.storage.base import Storage, StorageError, check_name, pid_is_alive
+from coppice_api.jails.storage.base import (
+    Storage,
+    StorageError,
+    check_name,
+    leftover_owner_is_dead,
+)
 from coppice_api.jails.users import UnknownUser, lookup_user
 
 Progress = Callable[[str], None]
@@ -436,7 +441,8 @@ class TemplateStore:
         def dead_work_dirs() -> list[Path]:
             if not self._build_dir.is_dir():
                 return []
-            return [p for p in self._build_dir.iterdir() if p.is_dir() and _owner_is_dead(p.name)]
+            entries = self._build_dir.iterdir()
+            return [p for p in entries if p.is_dir() and leftover_owner_is_dead(p.name)]
 
         for work in await asyncio.to_thread(dead_work_dirs):
             await asyncio.to_thread(_remove_tree, work)
@@ -541,11 +547,6 @@ def _try_lock(fd: int) -> bool:
     except BlockingIOError:
         return False
     return True
-
-
-def _owner_is_dead(entry: str) -> bool:
-    pid, _, _ = entry.partition("-")
-    return not pid.isdigit() or not pid_is_alive(int(pid))
 
 
 async def _stream(argv: Sequence[str], say: Progress) -> None:
