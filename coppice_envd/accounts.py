@@ -24,9 +24,8 @@ from asyncinotify import Inotify, Mask, Watch
 
 from coppice_api.jails.confined import ConfinedRoot
 from coppice_api.jails.runtime.base import User
-from coppice_api.jails.users import UnknownUser, find_user
+from coppice_api.jails.users import UnknownUser, find_user, read_database
 
-_DATABASE_LIMIT = 4 * 1024 * 1024
 _DATABASE_NAMES = ("passwd", "group")
 _CACHED_ROOTS = 1024
 # What can change a database in /etc, or /etc itself; IGNORED and UNMOUNT always come.
@@ -41,18 +40,9 @@ Stamp = tuple[tuple[int, int, int, int] | None, ...]
 
 def _read(root: ConfinedRoot, path: str) -> str:
     try:
-        fd = root.open(path)
+        return read_database(root, path)
     except OSError:
-        return ""
-    try:
-        chunks = []
-        size = 0
-        while size < _DATABASE_LIMIT and (chunk := os.read(fd, 256 * 1024)):
-            chunks.append(chunk)
-            size += len(chunk)
-        return b"".join(chunks).decode("utf-8", "replace")
-    finally:
-        os.close(fd)
+        return ""  # unreadable (a directory, ...): no accounts, rather than failed requests
 
 
 def _names_by_id(text: str) -> dict[int, str]:

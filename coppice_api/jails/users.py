@@ -18,7 +18,7 @@ class UnknownUser(Exception):
 
 def lookup_user(root: ConfinedRoot, name: str) -> User:
     """The user called `name` (or, if `name` is a number and no user has that name, by uid)."""
-    return find_user(_text(root, "/etc/passwd"), _text(root, "/etc/group"), name)
+    return find_user(read_database(root, "/etc/passwd"), read_database(root, "/etc/group"), name)
 
 
 def find_user(passwd: str, group: str, name: str) -> User:
@@ -42,8 +42,8 @@ def find_user(passwd: str, group: str, name: str) -> User:
     return User(name=user_name, uid=int(uid), gid=primary, home=home, groups=groups)
 
 
-def _text(root: ConfinedRoot, path: str) -> str:
-    """A database's text; a missing file is empty."""
+def read_database(root: ConfinedRoot, path: str) -> str:
+    """The text of /etc/passwd or /etc/group (at most 4 MiB); a missing file is empty."""
     try:
         return root.read_bytes(path, _MAX_FILE_BYTES).decode(errors="replace")
     except FileNotFoundError:
