@@ -114,6 +114,16 @@ def test_envs_cwd_and_users(sbx: Sandbox) -> None:
         sbx.commands.run("true", cwd="/no/such/dir")
 
 
+def test_a_user_added_in_the_sandbox_can_run_commands_at_once(sbx: Sandbox) -> None:
+    """The gateway's cached accounts never hide a change the sandbox just made."""
+    assert sbx.commands.run("whoami").stdout == "user\n"  # accounts cached and watched
+    sbx.commands.run("useradd -m -u 1234 bob", user="root")
+    assert sbx.commands.run("id -u; whoami; pwd", user="bob").stdout == "1234\nbob\n/home/bob\n"
+    sbx.commands.run("userdel -r bob", user="root")
+    with pytest.raises(Exception, match="invalid username"):
+        sbx.commands.run("true", user="bob")
+
+
 def test_timeout_kills_the_command(sbx: Sandbox) -> None:
     with pytest.raises(TimeoutException):
         sbx.commands.run("sleep 30; echo never", timeout=1)
