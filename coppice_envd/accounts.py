@@ -210,7 +210,7 @@ class _AccountsCache:
         return tuple(stamps)
 
     def get(self, root: ConfinedRoot) -> Accounts:
-        key = str(root.root)
+        key = root.key
         generation = self._watches.arm(root, key)  # before reading: later changes are events
         stamp = self._stamp(root)
         with self._lock:

@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 from coppice_api.jails.confined import ConfinedRoot
-from coppice_api.jails.runtime.base import User
+from coppice_api.jails.runtime.base import Jail, User
 from coppice_envd import fsops
 from coppice_envd.accounts import Accounts
 from coppice_envd.auth import check_file_access, lookup_user
@@ -42,6 +42,7 @@ from coppice_envd.multipart import MultipartError, MultipartReader
 from coppice_envd.paths import PathExpansionError, expand_and_resolve
 
 CHUNK = 1024 * 1024
+PSEUDO_FILE_LIMIT = 16 * 1024 * 1024  # what a download of a size-0 (pseudo-)file reads at most
 _METADATA_HEADER = "x-metadata-"
 _METADATA_KEY_LIMIT = 246
 _METADATA_TOTAL_LIMIT = 4096
@@ -95,12 +96,24 @@ async def _authorize(request: HTTPRequest, operation: str) -> FileRequest:
     if denied is not None:
         raise HTTPFailure(401, denied)
     name = username if username else request.scope.sandbox.default_user
-    root = await asyncio.to_thread(ConfinedRoot, request.scope.sandbox.jail.root)
-    user = await asyncio.to_thread(lookup_user, root, name)
+    try:
+        root, user = await asyncio.to_thread(_open_as, request.scope.sandbox.jail, name)
+    except OSError as e:  # the jail is gone
+        raise HTTPFailure(502, e.strerror or str(e)) from e
     if user is None:
         root.close()
         raise HTTPFailure(401, f"error looking up user '{name}': user: unknown user {name}")
     return FileRequest(request=request, root=root, user=user)
+
+
+def _open_as(jail: Jail, name: str) -> tuple[ConfinedRoot, User | None]:
+    """The sandbox's files as its processes see them, and the user `name` there. Blocking."""
+    root = jail.open_root()
+    try:
+        return root, lookup_user(root, name)
+    except BaseException:
+        root.close()
+        raise
 
 
 async def _serve(request: HTTPRequest, send: Send, operation: str, handler: Any) -> None:
@@ -166,21 +179,55 @@ def _content_type(raw_path: str, head: bytes) -> str:
     return "application/octet-stream"
 
 
-def _open_for_download(files: FileRequest, path: str) -> tuple[int, os.stat_result, bytes]:
+@dataclass(frozen=True)
+class _Download:
+    fd: int
+    size: int
+    mtime: float
+    head: bytes  # the first bytes, to guess the content type from
+
+
+def _open_for_download(files: FileRequest, path: str) -> _Download:
     try:
         fd = files.root.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError as e:
         raise HTTPFailure(404, f"path '{path}' does not exist") from e
     except OSError as e:
         raise HTTPFailure(500, f"error checking if path exists '{path}': {e.strerror}") from e
-    st = os.fstat(fd)
-    if stat.S_ISDIR(st.st_mode):
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise HTTPFailure(400, f"path '{path}' is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise HTTPFailure(400, f"path '{path}' is not a regular file")
+        if st.st_size == 0:
+            # Pseudo-files (/proc, /sys) say size 0 whatever they hold: serve what reading gives.
+            fd = _read_into_memfd(fd)
+        size = os.fstat(fd).st_size
+        return _Download(fd, size, st.st_mtime, os.pread(fd, 512, 0))
+    except BaseException:
         os.close(fd)
-        raise HTTPFailure(400, f"path '{path}' is a directory")
-    if not stat.S_ISREG(st.st_mode):
+        raise
+
+
+def _read_into_memfd(fd: int) -> int:
+    """A memfd holding what reading `fd` to its end gives (at most PSEUDO_FILE_LIMIT bytes);
+    `fd` is closed."""
+    try:
+        copy = os.memfd_create("download", os.MFD_CLOEXEC)
+        total = 0
+        while total < PSEUDO_FILE_LIMIT:
+            try:
+                data = os.read(fd, min(CHUNK, PSEUDO_FILE_LIMIT - total))
+            except BlockingIOError:
+                break  # a file that waits for more (/proc/kmsg): what is there so far
+            if not data:
+                break
+            os.write(copy, data)
+            total += len(data)
+        return copy
+    finally:
         os.close(fd)
-        raise HTTPFailure(400, f"path '{path}' is not a regular file")
-    return fd, st, os.pread(fd, 512, 0)
 
 
 def _single_range(header: str, size: int) -> tuple[int, int] | None:
@@ -207,7 +254,8 @@ async def _download(files: FileRequest, send: Send) -> None:
     request = files.request
     raw_path = request.param("path") or ""
     path = files.resolve(raw_path)
-    fd, st, head = await asyncio.to_thread(_open_for_download, files, path)
+    opened = await asyncio.to_thread(_open_for_download, files, path)
+    fd, size = opened.fd, opened.size
     try:
         conditional = any(
             h in request.headers
@@ -224,7 +272,7 @@ async def _download(files: FileRequest, send: Send) -> None:
         headers = [
             ("vary", "Accept-Encoding"),
             ("content-disposition", _content_disposition(posixpath.basename(path))),
-            ("last-modified", email.utils.formatdate(st.st_mtime, usegmt=True)),
+            ("last-modified", email.utils.formatdate(opened.mtime, usegmt=True)),
         ]
         if encoding == "gzip":
             guessed = mimetypes.guess_type(raw_path, strict=False)[0]
@@ -232,20 +280,23 @@ async def _download(files: FileRequest, send: Send) -> None:
                 ("content-encoding", "gzip"),
                 ("content-type", guessed or "application/octet-stream"),
             ]
-            await _stream(send, 200, headers, fd, 0, st.st_size, gzip=True)
+            await _stream(send, 200, headers, fd, 0, size, gzip=True)
             return
-        start, end, status = 0, st.st_size, 200
-        headers += [("accept-ranges", "bytes"), ("content-type", _content_type(raw_path, head))]
+        start, end, status = 0, size, 200
+        headers += [
+            ("accept-ranges", "bytes"),
+            ("content-type", _content_type(raw_path, opened.head)),
+        ]
         if "range" in request.headers:
             try:
-                byte_range = _single_range(request.headers["range"], st.st_size)
+                byte_range = _single_range(request.headers["range"], size)
             except ValueError:
-                await send_response(send, 416, headers=[("content-range", f"bytes */{st.st_size}")])
+                await send_response(send, 416, headers=[("content-range", f"bytes */{size}")])
                 return
             if byte_range is not None:
                 start, end = byte_range
                 status = 206
-                headers.append(("content-range", f"bytes {start}-{end - 1}/{st.st_size}"))
+                headers.append(("content-range", f"bytes {start}-{end - 1}/{size}"))
         headers.append(("content-length", str(end - start)))
         await _stream(send, status, headers, fd, start, end, gzip=False)
     finally:

@@ -70,7 +70,7 @@ async def run_operation(work: Callable[[Operation], _T]) -> _T:
         scope.user_now()  # when the accounts are current, the thread need not read them
 
     def in_thread() -> _T:
-        with ConfinedRoot(scope.sandbox.jail.root) as root:
+        with scope.sandbox.jail.open_root() as root:
             try:
                 user = scope.user_sync(root)
             except UnknownUser as e:

@@ -27,7 +27,6 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from coppice_api.jails.confined import ConfinedRoot
 from coppice_api.jails.runtime.base import Jail, User
 from coppice_envd.auth import lookup_user, token_matches
 from coppice_envd.envd_http import Receive, Scope, Send
@@ -357,7 +356,7 @@ class SandboxContexts:
         return self._user
 
     def _lookup_user(self) -> User:
-        with ConfinedRoot(self.jail.root) as root:
+        with self.jail.open_root() as root:
             user = lookup_user(root, self.view.default_user)
         if user is None:
             raise KernelStartError(f"invalid default user: '{self.view.default_user}'")

@@ -22,14 +22,12 @@ import socket
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import zmq.asyncio
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.connect import KernelConnectionInfo
 
-from coppice_api.jails.confined import ConfinedRoot
 from coppice_api.jails.runtime.base import (
     ExecSpec,
     ExitStatus,
@@ -179,9 +177,9 @@ def _connection_info() -> KernelConnectionInfo:
     }
 
 
-def _write_in_sandbox(root: Path, path: str, data: bytes, user: User) -> None:
-    """Write `path` (in KERNEL_DIR) inside the sandbox root, readable by `user` only. Blocking."""
-    with ConfinedRoot(root) as confined:
+def _write_in_sandbox(jail: Jail, path: str, data: bytes, user: User) -> None:
+    """Write `path` (in KERNEL_DIR) inside the sandbox, readable by `user` only. Blocking."""
+    with jail.open_root() as confined:
         parent_fd, name = confined.parent(KERNEL_DIR)
         try:
             with contextlib.suppress(FileExistsError):
@@ -197,15 +195,15 @@ def _write_in_sandbox(root: Path, path: str, data: bytes, user: User) -> None:
             os.close(fd)
 
 
-def _install_bash_kernel(root: Path, user: User) -> None:
+def _install_bash_kernel(jail: Jail, user: User) -> None:
     """Copy bash_kernel.py into the sandbox's KERNEL_DIR. Blocking."""
     source = resources.files("coppice_envd").joinpath(_BASH_KERNEL_FILE).read_bytes()
-    _write_in_sandbox(root, f"{KERNEL_DIR}/{_BASH_KERNEL_FILE}", source, user)
+    _write_in_sandbox(jail, f"{KERNEL_DIR}/{_BASH_KERNEL_FILE}", source, user)
 
 
-def _remove_in_sandbox(root: Path, path: str) -> None:
-    """Remove `path` from the sandbox root if it is there. Blocking."""
-    with contextlib.suppress(OSError), ConfinedRoot(root) as confined:
+def _remove_in_sandbox(jail: Jail, path: str) -> None:
+    """Remove `path` from the sandbox if it is there. Blocking."""
+    with contextlib.suppress(OSError), jail.open_root() as confined:
         parent_fd, name = confined.parent(path)
         try:
             os.unlink(name, dir_fd=parent_fd)
@@ -357,17 +355,17 @@ class Kernel:
         connection_path = f"{KERNEL_DIR}/kernel-{kernel_id}.json"
         try:
             await asyncio.to_thread(
-                _write_in_sandbox, jail.root, connection_path, json.dumps(info).encode(), user
+                _write_in_sandbox, jail, connection_path, json.dumps(info).encode(), user
             )
             if language.needs_bash_kernel:
-                await asyncio.to_thread(_install_bash_kernel, jail.root, user)
+                await asyncio.to_thread(_install_bash_kernel, jail, user)
         except OSError as err:
             raise KernelStartError(f"cannot prepare the {language.name} kernel: {err}") from err
         argv: Sequence[str] = [*language.argv, "-f", connection_path]
         try:
             process = await jail.exec(ExecSpec(argv=argv, user=user, cwd=cwd, env=dict(env)))
         except JailError as err:  # ExecError, or the jail is gone
-            await asyncio.to_thread(_remove_in_sandbox, jail.root, connection_path)
+            await asyncio.to_thread(_remove_in_sandbox, jail, connection_path)
             raise KernelStartError(f"cannot start the {language.name} kernel: {err}") from err
         client = AsyncKernelClient(context=zmq_context)
         client.load_connection_info(info)
@@ -523,4 +521,4 @@ class Kernel:
         for tail in self._outputs:
             tail.cancel()
         self.client.stop_channels()
-        await asyncio.to_thread(_remove_in_sandbox, self.jail.root, self.connection_path)
+        await asyncio.to_thread(_remove_in_sandbox, self.jail, self.connection_path)

@@ -96,7 +96,7 @@ class RequestScope:
         """The effective user (blocking; raises auth.UnknownUser)."""
         if self._user is None:
             if root is None:
-                with ConfinedRoot(self.sandbox.jail.root) as own_root:
+                with self.sandbox.jail.open_root() as own_root:
                     return self.user_sync(own_root)
             accounts = self.accounts_sync(root)
             self._user = effective_user(accounts, self.basic_user, self.sandbox.default_user)

@@ -54,9 +54,9 @@ class DirectoryWatch:
     """An inotify watch on one sandbox directory (and, if recursive, everything below it)."""
 
     def __init__(
-        self, sandbox_root: Path, directory: str, *, recursive: bool, include_entry: bool
+        self, root: ConfinedRoot, directory: str, *, recursive: bool, include_entry: bool
     ) -> None:
-        self._sandbox_root = sandbox_root
+        self._root = root  # the watch's own handle on the sandbox, closed with it
         self._directory = directory  # resolved, in the root
         self._recursive = recursive
         self._include_entry = include_entry
@@ -72,9 +72,15 @@ class DirectoryWatch:
     ) -> DirectoryWatch:
         """Watch `directory` (blocking). Raises OSError for the directory itself."""
         dir_fd = root.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        watch = cls(
-            root.root, root.path_of(dir_fd), recursive=recursive, include_entry=include_entry
-        )
+        own_root = root.copy()
+        try:
+            watch = cls(
+                own_root, root.path_of(dir_fd), recursive=recursive, include_entry=include_entry
+            )
+        except BaseException:
+            own_root.close()
+            os.close(dir_fd)
+            raise
         try:
             watch._accounts = Accounts.read(root) if include_entry else None
             watch._root_watch = watch._add(dir_fd, ".")
@@ -89,6 +95,7 @@ class DirectoryWatch:
 
     def close(self) -> None:
         self._inotify.close()
+        self._root.close()
 
     def _add(self, dir_fd: int, relative: str) -> Watch:
         # Via the fd's /proc link: the kernel watches exactly the directory we opened.
@@ -124,18 +131,17 @@ class DirectoryWatch:
 
     def _watch_new_directory(self, relative: str) -> list[fs.FilesystemEvent]:
         created: list[fs.FilesystemEvent] = []
-        with ConfinedRoot(self._sandbox_root) as root:
-            try:
-                dir_fd = root.open(
-                    posixpath.join(self._directory, relative), os.O_RDONLY | os.O_DIRECTORY
-                )
-            except OSError:
-                return created  # gone again already
-            try:
-                self._add(dir_fd, relative)
-                self._add_subtree(dir_fd, relative, created)
-            finally:
-                os.close(dir_fd)
+        try:
+            dir_fd = self._root.open(
+                posixpath.join(self._directory, relative), os.O_RDONLY | os.O_DIRECTORY
+            )
+        except OSError:
+            return created  # gone again already
+        try:
+            self._add(dir_fd, relative)
+            self._add_subtree(dir_fd, relative, created)
+        finally:
+            os.close(dir_fd)
         return created
 
     def _forget_directory(self, relative: str) -> None:
@@ -155,13 +161,11 @@ class DirectoryWatch:
 
     def _entry(self, name: str) -> fs.EntryInfo | None:
         assert self._accounts is not None
-        with ConfinedRoot(self._sandbox_root) as root:
-            try:
-                return entry_info(
-                    root, posixpath.normpath(posixpath.join(self._directory, name)), self._accounts
-                )
-            except OSError:
-                return None
+        try:
+            path = posixpath.normpath(posixpath.join(self._directory, name))
+            return entry_info(self._root, path, self._accounts)
+        except OSError:
+            return None
 
     async def run(self, sink: EventSink) -> None:
         """Deliver events to `sink` until cancelled; raises WatchError if the watch breaks."""

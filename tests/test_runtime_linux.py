@@ -212,10 +212,30 @@ async def test_root_is_the_sandbox_root(jail: LinuxJail) -> None:
     assert await asyncio.to_thread(os.path.samefile, f"/proc/{jail.init_pid}/root", jail.root)
     await sh(jail, "echo inside > /written-in-jail")
     assert (jail.root / "written-in-jail").read_text() == "inside\n"
-    # The jail's /dev and /tmp are its own, not the sandbox tree's nor the host's.
+    # The jail's /dev is its own, not the sandbox tree's nor the host's; /tmp is the tree's.
     out = await sh(jail, "ls /dev/pts; echo > /tmp/in-tmp && ls /tmp")
     assert out.split() == ["ptmx", "in-tmp"]
-    assert not (jail.root / "tmp" / "in-tmp").exists()
+    assert (jail.root / "tmp" / "in-tmp").exists()
+    assert not (jail.root / "dev" / "pts" / "ptmx").exists()
+
+
+async def test_open_root_sees_the_jail_s_mounts_and_fails_once_it_is_gone(
+    jail: LinuxJail,
+) -> None:
+    await sh(jail, "echo shared > /dev/shm/in-shm")
+    with await asyncio.to_thread(jail.open_root) as root:
+        assert root.key == str(jail.root)
+        assert root.read_bytes("/dev/shm/in-shm") == b"shared\n"
+        assert root.read_bytes("/proc/1/comm").startswith(b"coppice-init")
+        assert root.resolve("/proc/../dev/../tmp") == "/tmp"
+        with pytest.raises(OSError, match="symbolic links") as magic:
+            root.open("/proc/1/root/etc/hostname")  # magic links stay shut
+        assert magic.value.errno == errno.ELOOP
+    assert not (jail.root / "dev" / "shm" / "in-shm").exists()
+    await jail.stop()
+    with pytest.raises(OSError, match="is not running") as gone:
+        await asyncio.to_thread(jail.open_root)
+    assert gone.value.errno == errno.ESRCH
 
 
 ESCAPE_ATTEMPTS = """
@@ -272,7 +292,7 @@ async def test_the_jail_holds_no_other_mounts(runtime: LinuxRuntime, make_root: 
     mount_points = sorted(line.split()[4] for line in mountinfo.splitlines())
     assert mount_points == [
         "/", "/dev", "/dev/pts", "/dev/shm", "/proc", "/proc/bus", "/proc/fs", "/proc/irq",
-        "/proc/sys", "/tmp",
+        "/proc/sys",
     ]  # fmt: skip
     assert str(other_root) not in mountinfo
 

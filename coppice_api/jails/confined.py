@@ -43,15 +43,27 @@ def _openat2(dirfd: int, path: str, flags: int, mode: int, resolve: int) -> int:
 
 
 class ConfinedRoot:
-    """A directory that paths are resolved inside of, never outside."""
+    """A directory that paths are resolved inside of, never outside.
 
-    def __init__(self, root: Path) -> None:
+    `root` is the path opened; `key` names the tree for caches and stays the same for every
+    view of one sandbox (a jail's `/proc/<pid>/root` and its clone's host path alike).
+    """
+
+    def __init__(self, root: Path, *, key: str | None = None) -> None:
         self.root = root
+        self.key = str(root) if key is None else key
         self._root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._host_prefix: str | None = None  # what path_of strips; most users never need it
 
     def close(self) -> None:
         os.close(self._root_fd)
+
+    def copy(self) -> ConfinedRoot:
+        """Another handle on the very same tree (the directory already open), closed apart."""
+        twin = ConfinedRoot.__new__(ConfinedRoot)
+        twin.root, twin.key, twin._host_prefix = self.root, self.key, self._host_prefix
+        twin._root_fd = os.dup(self._root_fd)
+        return twin
 
     def __enter__(self) -> ConfinedRoot:
         return self

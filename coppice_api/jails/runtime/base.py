@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coppice_api.jails.confined import ConfinedRoot
+
 
 class JailError(Exception):
     """A jail could not be started, entered or managed."""
@@ -103,8 +105,15 @@ class Jail(abc.ABC):
     """A running jail: a confined process tree on a sandbox root."""
 
     sandbox_id: str
-    root: Path  # host path of the sandbox's root filesystem
+    root: Path  # host path of the sandbox's root filesystem (its clone, without the jail's mounts)
     handle: str  # backend reference stored in the registry to re-attach after a restart
+
+    def open_root(self) -> ConfinedRoot:
+        """The sandbox's files exactly as its processes see them, mounts included (its /tmp,
+        /proc, /dev), confined to its root; keyed by `root`. Blocking: call from a thread.
+        OSError (ESRCH) when the jail is gone. Backends whose jails mount nothing over their
+        root keep this default."""
+        return ConfinedRoot(self.root)
 
     @abc.abstractmethod
     async def exec(self, spec: ExecSpec) -> JailProcess:

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from coppice_api.jails.confined import ConfinedRoot
 from coppice_api.jails.runtime.base import (
     ExecError,
     ExecSpec,
@@ -344,6 +345,19 @@ class LinuxJail(Jail):
 
     def is_alive(self) -> bool:
         return self._init.is_alive()
+
+    def open_root(self) -> ConfinedRoot:
+        # init's root is the jail's own mount tree (it pivot_root'ed into it). Checked after
+        # opening: had the pid been reused meanwhile, the start time could not match.
+        try:
+            root = ConfinedRoot(Path(f"/proc/{self._init.pid}/root"), key=str(self.root))
+        except OSError:
+            root = None
+        if root is not None and self._init.is_alive():
+            return root
+        if root is not None:
+            root.close()
+        raise OSError(errno.ESRCH, f"jail {self.sandbox_id} is not running")
 
     async def stop(self) -> None:
         await asyncio.to_thread(_teardown, self._init, self._cgroups, self._socket_path)
