@@ -263,6 +263,7 @@ async def test_snapshot_and_fork_carry_the_parents_files(real: Real) -> None:
         live = manager.get_live(parent.id)
         assert live is not None
         assert await sh(live.jail, "echo from-parent > /home/user/mark") == 0
+        assert await sh(live.jail, "echo in-tmp > /tmp/mark") == 0  # /tmp is on disk, as E2B
 
         snapshot = await manager.snapshot(parent.id, "marked")
         child = await manager.create(CreateSpec(template="marked"))
@@ -272,6 +273,8 @@ async def test_snapshot_and_fork_carry_the_parents_files(real: Real) -> None:
         for record in (child, fork):
             mark = Path(record.storage_ref) / "home/user/mark"
             assert await asyncio.to_thread(mark.read_text) == "from-parent\n"
+            tmp_mark = Path(record.storage_ref) / "tmp/mark"
+            assert await asyncio.to_thread(tmp_mark.read_text) == "in-tmp\n"
             live_child = manager.get_live(record.id)
             assert live_child is not None
             assert live_child.template.user == "user"  # inherited template defaults

@@ -8,9 +8,10 @@
  *    The parent waits until the child is ready, prints the child's host pid on stdout and exits,
  *    so the jail outlives whoever started it (the service may restart; jails keep running).
  * 3. The child makes its mounts private, listens on SOCKET (a host path), makes ROOT its root
- *    (pivot_root; the host's mounts are detached from the namespace) and mounts /proc, a small
- *    /dev (device nodes, devpts, shm) and /tmp there — all by in-jail paths after the pivot, so
- *    a symlink planted in the sandbox cannot redirect a mount onto the host.
+ *    (pivot_root; the host's mounts are detached from the namespace) and mounts /proc and a
+ *    small /dev (device nodes, devpts, shm) there — by in-jail paths after the pivot, so a
+ *    symlink planted in the sandbox cannot redirect a mount onto the host. /tmp is the
+ *    sandbox's own directory (made if missing), not a mount.
  * 4. Then it reaps every process of the jail and serves requests on SOCKET.
  *
  * There is no user namespace, so root in a jail is real root. What keeps it inside the jail: no
@@ -202,7 +203,8 @@ static void setup_jail(int ready_fd, const char *root, const char *hostname)
     for (size_t i = 0; i < sizeof kernel_knobs / sizeof kernel_knobs[0]; i++)
         if (access(kernel_knobs[i], F_OK) == 0) read_only(ready_fd, kernel_knobs[i]);
     setup_dev(ready_fd);
-    mount_or_die(ready_fd, "tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+    /* /tmp stays on the sandbox's own disk, as in E2B: snapshots, forks and a pause keep it. */
+    if (mkdir("/tmp", 0) == 0) chmod("/tmp", 01777);
     if (sethostname(hostname, strlen(hostname)) < 0) die(ready_fd, "sethostname");
     /* The OOM killer should pick a jail process, never the jail itself; children reset this.
        Best effort: it needs CAP_SYS_RESOURCE, which some containers withhold. */
