@@ -27,7 +27,7 @@ from coppice_api.jails.templates import (
 )
 from coppice_api.rest.app import build_app, start_api
 from coppice_api.rest.auth import load_api_keys
-from coppice_envd.app import build_gateway, run_servers, serve_gateway
+from coppice_envd.app import Gateway, build_gateway, run_servers, serve_gateway
 from coppice_envd.interpreter import Interpreter
 from coppice_envd.process import ProcessService
 from coppice_envd.sandboxes import SandboxLookup, SandboxView
@@ -89,14 +89,21 @@ class ManagerLookup(SandboxLookup):
 
 class GatewayObserver:
     """Keeps the gateway's per-sandbox state in step with the manager: a new jail warms its
-    default python kernel; a killed sandbox's processes and kernels are dropped."""
+    default python kernel; a sandbox being killed has its responses in flight cut first, then
+    its processes and kernels dropped."""
 
-    def __init__(self, processes: ProcessService, interpreter: Interpreter) -> None:
+    def __init__(
+        self, gateway: Gateway, processes: ProcessService, interpreter: Interpreter
+    ) -> None:
+        self._gateway = gateway
         self._processes = processes
         self._interpreter = interpreter
 
     async def sandbox_started(self, live: LiveSandbox) -> None:
         await self._interpreter.sandbox_started(sandbox_view(live))
+
+    async def sandbox_ending(self, sandbox_id: str) -> None:
+        self._gateway.sandbox_ending(sandbox_id)
 
     async def sandbox_stopped(self, sandbox_id: str) -> None:
         await self._processes.forget(sandbox_id)
@@ -141,13 +148,13 @@ async def serve(args: argparse.Namespace) -> None:
     manager = SandboxManager(registry, storage, pick_runtime(data_dir), templates)
     interpreter = Interpreter()
     processes = ProcessService()
-    manager.add_observer(GatewayObserver(processes, interpreter))
+    gateway = build_gateway(ManagerLookup(manager), process=processes, interpreter=interpreter)
+    manager.add_observer(GatewayObserver(gateway, processes, interpreter))
     for line in await manager.start():
         log.info("reconcile: %s", line)
 
     keys = await asyncio.to_thread(load_api_keys, data_dir)
     api = await start_api(build_app(manager, keys.keys, args.domain), args.host, args.api_port)
-    gateway = build_gateway(ManagerLookup(manager), process=processes, interpreter=interpreter)
 
     stopping = asyncio.Event()
 

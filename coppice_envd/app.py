@@ -45,6 +45,7 @@ from coppice_envd.envd_http import (
     Scope,
     Send,
     send_error,
+    send_json,
     send_not_found,
     send_response,
 )
@@ -53,6 +54,7 @@ from coppice_envd.routing import (
     ENVD_PORT,
     INTERPRETER_PORT,
     RequestScope,
+    Route,
     RoutingError,
     enter_request,
     route_request,
@@ -76,6 +78,22 @@ _CORS_MAX_AGE = "7200"
 @runtime_checkable
 class Closable(Protocol):
     async def aclose(self) -> None: ...
+
+
+class ResponseCut(Exception):
+    """Raised by a response's `send` once its sandbox has ended: the response stops short and
+    its connection drops, as when envd's VM goes away, so no client takes a half-told story
+    (a killed command's exit, an execution's error) for a result. The SDKs then probe /health,
+    get the 502 for a sandbox that is gone and report it as killed."""
+
+
+class _Response:
+    """One response in flight for a sandbox."""
+
+    __slots__ = ("cut",)
+
+    def __init__(self) -> None:
+        self.cut = False
 
 
 def _reflection_files() -> list[Any]:
@@ -125,6 +143,13 @@ class Gateway:
         self._routes = routes
         self._interpreter = interpreter
         self._closables = closables
+        self._responses: dict[str, set[_Response]] = {}  # sandbox id → responses in flight
+
+    def sandbox_ending(self, sandbox_id: str) -> None:
+        """Cut every response in flight for the sandbox (call before its jail is stopped, so
+        that nothing its death causes reaches a client as a clean ending)."""
+        for response in self._responses.pop(sandbox_id, ()):
+            response.cut = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -137,9 +162,12 @@ class Gateway:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = _headers(scope)
         started = False
+        response = _Response()
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
+            if response.cut:
+                raise ResponseCut
             if message["type"] == "http.response.start":
                 started = True
                 response_headers = message.get("headers", [])
@@ -150,7 +178,9 @@ class Gateway:
             await send(message)
 
         try:
-            await self._serve(scope, receive, tracking_send, headers)
+            await self._serve(scope, receive, tracking_send, headers, response)
+        except ResponseCut:
+            pass  # hypercorn drops the connection of a response that stops short
         except ConnectError as e:
             if e.code != Code.CANCELED:  # a client that left is no failure of ours
                 log.exception("gateway request %s %s failed", scope["method"], scope["path"])
@@ -160,9 +190,14 @@ class Gateway:
                 await send_error(send, 500, "internal server error")
 
     async def _serve(
-        self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        headers: dict[str, str],
+        response: _Response,
     ) -> None:
-        method, path = scope["method"], scope["path"]
+        method = scope["method"]
         if (
             method == "OPTIONS"
             and "origin" in headers
@@ -174,8 +209,22 @@ class Gateway:
         try:
             route = route_request(headers, server[1] if server else None, self._lookup)
         except RoutingError as e:
-            await send_error(send, 502, str(e))
+            await send_json(send, 502, e.body(), [("x-content-type-options", "nosniff")])
             return
+        sandbox_id = route.sandbox.sandbox_id
+        responses = self._responses.setdefault(sandbox_id, set())
+        responses.add(response)
+        try:
+            await self._serve_sandbox(scope, receive, send, headers, route)
+        finally:
+            responses.discard(response)
+            if not responses and self._responses.get(sandbox_id) is responses:
+                del self._responses[sandbox_id]
+
+    async def _serve_sandbox(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], route: Route
+    ) -> None:
+        method, path = scope["method"], scope["path"]
         request_scope = RequestScope(
             sandbox=route.sandbox, basic_user=basic_auth_user(headers.get("authorization"))
         )

@@ -41,7 +41,26 @@ def sandbox_from_host(host: str) -> tuple[str, str] | None:
 
 
 class RoutingError(Exception):
-    """The request names no live sandbox (or a port it does not serve): the edge's 502."""
+    """The request names no live sandbox (or a port it does not serve): the edge's 502, worded
+    as E2B's proxy words it — the SDKs read "was not found" as a sandbox that is gone."""
+
+    def __init__(self, message: str, sandbox_id: str | None = None, port: int | None = None):
+        super().__init__(message)
+        self.sandbox_id = sandbox_id
+        self.port = port
+
+    def body(self) -> dict[str, object]:
+        """The 502's JSON body, as E2B's proxy sends it."""
+        body: dict[str, object] = {"message": str(self), "code": 502}
+        if self.sandbox_id is not None:
+            body["sandboxId"] = self.sandbox_id
+        if self.port is not None:
+            body["port"] = self.port
+        return body
+
+
+SANDBOX_NOT_FOUND = "The sandbox was not found"
+PORT_NOT_OPEN = "The sandbox is running but port is not open"
 
 
 @dataclass(frozen=True)
@@ -63,17 +82,17 @@ def route_request(
     if sandbox_id and sandbox_id != DEBUG_SANDBOX_ID:
         sandbox = lookup.get(sandbox_id)
         if sandbox is None:
-            raise RoutingError(f"sandbox '{sandbox_id}' is not running")
+            raise RoutingError(SANDBOX_NOT_FOUND, sandbox_id)
     else:
         sandbox = lookup.most_recent()
         if sandbox is None:
-            raise RoutingError("no sandbox is running")
+            raise RoutingError(f"{SANDBOX_NOT_FOUND}: no sandbox is running")
     if label:
         port = int(label) if label.isdigit() else -1
     else:
         port = INTERPRETER_PORT if listener_port == INTERPRETER_PORT else ENVD_PORT
     if port not in (ENVD_PORT, INTERPRETER_PORT):
-        raise RoutingError(f"port {label} of sandbox '{sandbox.sandbox_id}' is not open")
+        raise RoutingError(PORT_NOT_OPEN, sandbox.sandbox_id, port if port >= 0 else None)
     return Route(sandbox=sandbox, port=port)
 
 

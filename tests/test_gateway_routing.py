@@ -88,21 +88,34 @@ def test_header_routing_and_fallbacks(two: tuple[RunningGateway, Path, Path]) ->
     # Nothing names a sandbox (debug mode's id, or none): the most recently started one.
     assert _names(root_entries(**{"e2b-sandbox-id": "debug_sandbox_id", "x-access-token": "tok-b"}))
     assert _names(root_entries(**{"x-access-token": "tok-b"})) == ["in-b"]
-    for headers in (
-        {"host": "49983-gone.coppice.lan"},
-        {"e2b-sandbox-id": "gone"},
-        {"host": "8080-aaa111.coppice.lan"},
+    # Worded as E2B's proxy does: the SDKs read "was not found" as a sandbox that is gone.
+    gone = {"sandboxId": "gone", "message": "The sandbox was not found", "code": 502}
+    for headers, body in (
+        ({"host": "49983-gone.coppice.lan"}, gone),
+        ({"e2b-sandbox-id": "gone"}, gone),
+        (
+            {"host": "8080-aaa111.coppice.lan"},
+            {
+                "sandboxId": "aaa111",
+                "port": 8080,
+                "message": "The sandbox is running but port is not open",
+                "code": 502,
+            },
+        ),
     ):
         response = root_entries(**headers)
         assert response.status_code == 502
-        assert response.json()["code"] == 502
+        assert response.json() == body
 
 
 def test_no_sandbox_at_all_is_502(tmp_path: Path) -> None:
     with start_gateway(StaticLookup([])) as gw:
         response = httpx.get(f"{gw.url}/health")
         assert response.status_code == 502
-        assert response.json() == {"code": 502, "message": "no sandbox is running"}
+        assert response.json() == {
+            "code": 502,
+            "message": "The sandbox was not found: no sandbox is running",
+        }
 
 
 def test_interpreter_port(two: tuple[RunningGateway, Path, Path]) -> None:

@@ -434,6 +434,9 @@ class Recorder:
         assert live.jail.is_alive()
         self.events.append(("started", live.record.id))
 
+    async def sandbox_ending(self, sandbox_id: str) -> None:
+        self.events.append(("ending", sandbox_id))
+
     async def sandbox_stopped(self, sandbox_id: str) -> None:
         self.events.append(("stopped", sandbox_id))
 
@@ -456,7 +459,9 @@ async def test_observers_hear_of_new_jails_and_ended_sandboxes(backends: Backend
         await manager.kill(a.id)
         clock.now += 11
         assert await manager.reap_due() == [b.id]
-        assert recorder.events[2:] == [("stopped", a.id), ("stopped", b.id)]
+        assert recorder.events[2:] == [
+            ("ending", a.id), ("stopped", a.id), ("ending", b.id), ("stopped", b.id)
+        ]  # fmt: skip
         c = await manager.create(CreateSpec(template="base"))
         paused = await manager.create(CreateSpec(template="base"))
         await manager.pause(paused.id)

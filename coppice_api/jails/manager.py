@@ -112,10 +112,13 @@ class LiveSandbox:
 
 
 class SandboxObserver(Protocol):
-    """Told when a sandbox gets a jail and when it ends, e.g. to warm or drop per-sandbox state
-    in the gateway. Calls must return quickly; their errors are logged and ignored."""
+    """Told when a sandbox gets a jail, when it is about to be killed (its jail still running)
+    and when its jail has ended, e.g. to warm, cut off or drop per-sandbox state in the
+    gateway. Calls must return quickly; their errors are logged and ignored."""
 
     async def sandbox_started(self, live: LiveSandbox) -> None: ...
+
+    async def sandbox_ending(self, sandbox_id: str) -> None: ...
 
     async def sandbox_stopped(self, sandbox_id: str) -> None: ...
 
@@ -248,6 +251,13 @@ class SandboxManager:
                 await observer.sandbox_started(live)
             except Exception:
                 log.exception("observer failed on start of %s", live.record.id)
+
+    async def _jail_ending(self, sandbox_id: str) -> None:
+        for observer in self._observers:
+            try:
+                await observer.sandbox_ending(sandbox_id)
+            except Exception:
+                log.exception("observer failed before the end of %s", sandbox_id)
 
     async def _jail_ended(self, sandbox_id: str) -> None:
         self._live.pop(sandbox_id, None)
@@ -411,6 +421,7 @@ class SandboxManager:
         try:
             jail = await self._jail_of(record)
             if jail is not None:
+                await self._jail_ending(record.id)
                 await jail.stop()
             else:
                 await self.runtime.destroy_leftover(record.id)
