@@ -27,12 +27,19 @@ NEW_DIR_MODE = 0o755
 NEW_FILE_MODE = 0o644  # 0666 minus envd's usual umask 022
 _IOV_MAX = 1024
 _UPLOAD_SUFFIX = ".coppice-upload-"
-_UPLOAD_TEMP = re.compile(r"^\..*" + re.escape(_UPLOAD_SUFFIX) + r"[0-9a-f]{12}$", re.DOTALL)
+# The letter after the suffix says whether the upload makes a new file (n) or replaces one (r).
+_UPLOAD_TEMP = re.compile(r"^\..*" + re.escape(_UPLOAD_SUFFIX) + r"([nr])[0-9a-f]{12}$", re.DOTALL)
 
 
 def is_upload_temp_name(name: str) -> bool:
     """Whether a file name is an upload still being written (see `begin_upload`)."""
     return _UPLOAD_TEMP.match(name) is not None
+
+
+def upload_replaces(temp_name: str) -> bool:
+    """Whether the upload with this temporary name replaces a file that was there before."""
+    match = _UPLOAD_TEMP.match(temp_name)
+    return match is not None and match.group(1) == "r"
 
 
 class NotADirectoryComponent(OSError):
@@ -194,7 +201,8 @@ def begin_upload(root: ConfinedRoot, path: str, user: User) -> PendingFile:
             raise TargetIsDirectory(errno.EISDIR, f"path is a directory: {path}")
         if existing is not None and stat.S_ISREG(existing.st_mode):
             mode = stat.S_IMODE(existing.st_mode)
-        temp_name = f".{name[:200]}{_UPLOAD_SUFFIX}{secrets.token_hex(6)}"
+        kind = "n" if existing is None else "r"
+        temp_name = f".{name[:200]}{_UPLOAD_SUFFIX}{kind}{secrets.token_hex(6)}"
         fd = os.open(
             temp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dir_fd
         )

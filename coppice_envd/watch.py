@@ -21,7 +21,7 @@ from filesystem import filesystem_pb2 as fs
 from coppice_api.jails.confined import ConfinedRoot
 from coppice_envd.accounts import Accounts
 from coppice_envd.entryinfo import entry_info
-from coppice_envd.fsops import is_upload_temp_name
+from coppice_envd.fsops import is_upload_temp_name, upload_replaces
 
 _WATCH_MASK = (
     Mask.CREATE
@@ -63,7 +63,8 @@ class DirectoryWatch:
         self._inotify = Inotify()
         self._root_watch: Watch | None = None
         self._moved_dirs: dict[int, str] = {}  # cookie → relative path of a dir moved away
-        self._committed_uploads: set[int] = set()  # cookies of uploads renamed into place
+        # cookie of an upload renamed into place → whether it replaces a file
+        self._committed_uploads: dict[int, bool] = {}
         self._accounts: Accounts | None = None
 
     @classmethod
@@ -195,15 +196,18 @@ class DirectoryWatch:
         if event.name is not None and is_upload_temp_name(str(event.name)):
             # An upload in progress: invisible, like its temporary file should be.
             if mask & Mask.MOVED_FROM:
-                self._committed_uploads.add(event.cookie)
+                self._committed_uploads[event.cookie] = upload_replaces(str(event.name))
             return []
         if mask & Mask.MOVED_TO and event.cookie in self._committed_uploads:
-            # An upload renamed into place: report it as envd's in-place write would be seen.
-            self._committed_uploads.discard(event.cookie)
-            return [
-                fs.FilesystemEvent(name=name, type=fs.EVENT_TYPE_CREATE),
-                fs.FilesystemEvent(name=name, type=fs.EVENT_TYPE_WRITE),
-            ]
+            # An upload renamed into place: report what envd's in-place write shows. envd chowns
+            # a file that is there, truncates and writes it; a new one it creates, writes, chowns.
+            replaces = self._committed_uploads.pop(event.cookie)
+            kinds = (
+                (fs.EVENT_TYPE_CHMOD, fs.EVENT_TYPE_WRITE)
+                if replaces
+                else (fs.EVENT_TYPE_CREATE, fs.EVENT_TYPE_WRITE, fs.EVENT_TYPE_CHMOD)
+            )
+            return [fs.FilesystemEvent(name=name, type=kind) for kind in kinds]
         pending_moves, self._moved_dirs = self._moved_dirs, {}
         synthesized: list[fs.FilesystemEvent] = []
         if self._recursive and mask & Mask.ISDIR and event.name is not None:

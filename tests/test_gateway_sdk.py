@@ -122,14 +122,23 @@ def test_sync_sdk_watch_dir(gateway: RunningGateway, root: Path) -> None:
         while len(events) < count and time.monotonic() < deadline:
             events.extend(handle.get_new_events())
 
+    # A files.write shows as envd's does: a new file is created, written and chowned; one
+    # that is there is chowned, then truncated and written.
     sbx.files.write("/home/user/watched.txt", "w")
-    (root / "home/user/sub").mkdir()
     collect(3)
-    (root / "home/user/sub/f").write_text("f")  # the new directory is watched by now
+    assert handle.get_new_events() == []
+    sbx.files.write("/home/user/watched.txt", "again")
     collect(5)
+    (root / "home/user/sub").mkdir()
+    collect(6)
+    (root / "home/user/sub/f").write_text("f")  # the new directory is watched by now
+    collect(8)
     handle.stop()
     assert [(e.name, e.type) for e in events] == [
         ("watched.txt", FilesystemEventType.CREATE),
+        ("watched.txt", FilesystemEventType.WRITE),
+        ("watched.txt", FilesystemEventType.CHMOD),
+        ("watched.txt", FilesystemEventType.CHMOD),
         ("watched.txt", FilesystemEventType.WRITE),
         ("sub", FilesystemEventType.CREATE),
         ("sub/f", FilesystemEventType.CREATE),
@@ -195,8 +204,10 @@ async def test_async_sdk_files_and_watch(gateway: RunningGateway, root: Path) ->
     await sbx.files.write("streamed.txt", "s")
     first = await asyncio.wait_for(events.get(), 10)
     second = await asyncio.wait_for(events.get(), 10)
+    third = await asyncio.wait_for(events.get(), 10)
     await handle.stop()
     assert (first.name, first.type) == ("streamed.txt", FilesystemEventType.CREATE)
     assert (second.name, second.type) == ("streamed.txt", FilesystemEventType.WRITE)
+    assert (third.name, third.type) == ("streamed.txt", FilesystemEventType.CHMOD)
     assert first.entry is not None
     assert first.entry.path == "/home/user/streamed.txt"

@@ -5,7 +5,6 @@ proxy's "The sandbox was not found")."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -17,10 +16,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def sdk_env(coppice_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:  # noqa: F811
+def sdk_env(coppice_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Stack:  # noqa: F811
     for key, value in coppice_stack.sdk_env().items():
         monkeypatch.setenv(key, value)
-    yield coppice_stack
+    return coppice_stack
 
 
 def test_a_command_of_a_killed_sandbox_raises_that_it_was_killed(sdk_env: Stack) -> None:
