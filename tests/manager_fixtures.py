@@ -76,6 +76,11 @@ class FakeStorage(Storage):
     async def list_sandboxes(self) -> list[str]:
         return sorted(self.sandboxes)
 
+    async def disk_used(self, sandbox_id: str) -> int:
+        if sandbox_id not in self.sandboxes:
+            raise StorageError(f"no sandbox {sandbox_id}")
+        return 4096
+
 
 class FakeJail(Jail):
     def __init__(self, runtime: FakeRuntime, sandbox_id: str, root: Path, generation: int) -> None:

@@ -394,16 +394,42 @@ async def test_fork_reports_each_failure(backends: Backends) -> None:
 
 async def test_metrics_come_from_jail_stats(backends: Backends) -> None:
     clock = Clock()
-    async with backends.manager(clock=clock) as manager:
+    async with backends.manager(clock=clock, metrics_interval=3600) as manager:
         record = await manager.create(CreateSpec(template="base"))
         clock.now += 10
         backends.runtime.jails[record.id].cpu_usage_usec = 2_000_000  # 2 s of 2 cpus in 10 s
-        metrics = await manager.metrics(record.id)
-        assert metrics is not None
+        [metrics] = await manager.metrics(record.id)  # never sampled yet: sampled now
         assert metrics.cpu_used_pct == 10.0
         assert metrics.mem_used == 10 * 1024 * 1024
+        assert metrics.disk_used == 4096
         await manager.pause(record.id)
-        assert await manager.metrics(record.id) is None
+        clock.now += 10
+        assert await manager.metrics(record.id) == [metrics]  # history stays, no new samples
+        assert await manager.latest_metrics(record.id) == metrics
+
+
+async def test_metrics_are_a_series_over_the_sandbox_s_life(backends: Backends) -> None:
+    clock = Clock()
+    async with backends.manager(clock=clock, metrics_interval=0.01) as manager:
+        created_at = clock.now
+        record = await manager.create(CreateSpec(template="base"))
+        for _ in range(3):
+            clock.now += 5
+            for _ in range(500):
+                series = await manager.metrics(record.id)
+                if series and series[-1].timestamp == clock.now:
+                    break
+                await asyncio.sleep(0.01)
+        series = await manager.metrics(record.id)
+        stamps = [m.timestamp for m in series]
+        assert stamps == sorted(stamps)
+        assert {created_at + 5, created_at + 10, created_at + 15} <= set(stamps)
+        window = await manager.metrics(record.id, created_at + 5, created_at + 10)
+        assert {m.timestamp for m in window} <= {created_at + 5, created_at + 10}
+        assert await manager.metrics(record.id, created_at - 3600, created_at - 1800) == []
+        await manager.kill(record.id)
+        with pytest.raises(NotFound):
+            await manager.metrics(record.id)
 
 
 async def test_registry_is_usable_from_another_process(backends: Backends, tmp_path: Path) -> None:

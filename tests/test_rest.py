@@ -368,8 +368,15 @@ async def test_metrics(api: Api) -> None:
     assert set(metrics[0]) >= {"timestamp", "timestampUnix", "cpuUsedPct", "diskTotal"}
     both = await api.call("GET", "/sandboxes/metrics", params={"sandbox_ids": f"{sandbox_id},x"})
     assert list((await both.json())["sandboxes"]) == [sandbox_id]
-    await api.call("POST", f"/sandboxes/{sandbox_id}/pause")
-    assert await (await api.call("GET", f"/sandboxes/{sandbox_id}/metrics")).json() == []
+    assert metrics[0]["diskUsed"] > 0
+    start = metrics[0]["timestampUnix"]
+    window = {"start": str(start), "end": str(start)}
+    assert await (await api.call("GET", f"/sandboxes/{sandbox_id}/metrics", params=window)).json()
+    before = {"start": str(start - 3600), "end": str(start - 1800)}
+    path = f"/sandboxes/{sandbox_id}/metrics"
+    assert await (await api.call("GET", path, params=before)).json() == []
+    await api.call("POST", f"/sandboxes/{sandbox_id}/pause")  # what was sampled stays
+    assert (await (await api.call("GET", path)).json())[: len(metrics)] == metrics
     await error_of(await api.call("GET", "/sandboxes/nosuchsandbox/metrics"), 404)
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
+from coppice_api.jails.metrics import SAMPLE_INTERVAL_SECONDS, Capacity, Metrics, MetricsSeries
 from coppice_api.jails.registry import (
     EventRecord,
     LogLevel,
@@ -135,27 +136,9 @@ class CreateSpec:
 
 
 @dataclass(frozen=True)
-class Metrics:
-    timestamp: float
-    cpu_count: int
-    cpu_used_pct: float
-    mem_used: int
-    mem_total: int
-    mem_cache: int
-    disk_used: int
-    disk_total: int
-
-
-@dataclass(frozen=True)
 class ConnectResult:
     record: SandboxRecord
     resumed: bool  # False: it was running and only its end time moved
-
-
-@dataclass(frozen=True)
-class _CpuSample:
-    wall: float
-    usage_usec: int
 
 
 Clock = Callable[[], float]
@@ -205,6 +188,7 @@ class SandboxManager:
         disk_size_mb: int = 10 * 1024,
         max_timeout: int = MAX_TIMEOUT_SECONDS,
         clock: Clock = time.time,
+        metrics_interval: float = SAMPLE_INTERVAL_SECONDS,
     ) -> None:
         self.registry = registry
         self.storage = storage
@@ -217,9 +201,11 @@ class SandboxManager:
         self._live: dict[str, LiveSandbox] = {}  # every sandbox that has a jail (running or frozen)
         self._observers: list[SandboxObserver] = []
         self._locks: dict[str, asyncio.Lock] = {}
-        self._cpu_samples: dict[str, _CpuSample] = {}
+        self._metrics = MetricsSeries(clock)
+        self._metrics_interval = metrics_interval
         self._reaper: asyncio.Task[None] | None = None
         self._wake_reaper = asyncio.Event()
+        self._sampler: asyncio.Task[None] | None = None
 
     # Lifecycle of the manager ----------------------------------------------------------------
     async def start(self) -> list[str]:
@@ -230,15 +216,19 @@ class SandboxManager:
         report = await self.reconcile()
         if self._reaper is None:
             self._reaper = asyncio.create_task(self._reap_forever(), name="sandbox-reaper")
+        if self._sampler is None:
+            self._sampler = asyncio.create_task(self._sample_forever(), name="sandbox-metrics")
         return report
 
     async def close(self) -> None:
-        """Stop the reaper. Sandboxes keep running: a restarted service finds them again."""
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
-            self._reaper = None
+        """Stop the reaper and the sampler. Sandboxes keep running: a restarted service finds
+        them again."""
+        for task in (self._reaper, self._sampler):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._reaper = self._sampler = None
 
     def add_observer(self, observer: SandboxObserver) -> None:
         self._observers.append(observer)
@@ -434,7 +424,7 @@ class SandboxManager:
     async def _forget(self, record: SandboxRecord) -> None:
         """Drop what a killed sandbox left in memory, and its fork template once unused."""
         self._locks.pop(record.id, None)
-        self._cpu_samples.pop(record.id, None)
+        self._metrics.forget(record.id)
         await self._collect_fork_template(record.template)
 
     async def _set_end(self, record: SandboxRecord, end_at: float) -> SandboxRecord:
@@ -650,29 +640,44 @@ class SandboxManager:
             log.exception("could not delete unused fork template %s", template)
 
     # Metrics and logs ------------------------------------------------------------------------
-    async def metrics(self, sandbox_id: str) -> Metrics | None:
-        """Current usage; None when the sandbox has no running jail (paused)."""
-        record = await self.get(sandbox_id)
+    async def metrics(
+        self, sandbox_id: str, start: float | None = None, end: float | None = None
+    ) -> list[Metrics]:
+        """The sandbox's samples from `start` to `end` (unix seconds; default: its whole kept
+        life), oldest first; a running sandbox sampled never yet is sampled now."""
+        await self.latest_metrics(sandbox_id)
+        return self._metrics.between(sandbox_id, start, end)
+
+    async def latest_metrics(self, sandbox_id: str) -> Metrics | None:
+        """The newest sample (None for a sandbox never sampled while running)."""
+        await self.get(sandbox_id)
+        if not self._metrics.has(sandbox_id):
+            await self._sample_if_running(sandbox_id)
+        return self._metrics.latest(sandbox_id)
+
+    async def _sample_if_running(self, sandbox_id: str) -> None:
         live = self.get_live(sandbox_id)
         if live is None:
-            return None
+            return  # paused (frozen jails use nothing, as E2B's paused VMs) or gone
+        record = live.record
         stats = await live.jail.stats()
-        now = self._clock()
-        previous = self._cpu_samples.get(sandbox_id) or _CpuSample(record.started_at, 0)
-        self._cpu_samples[sandbox_id] = _CpuSample(now, stats.cpu_usage_usec)
-        wall_usec = max((now - previous.wall) * 1e6, 1.0)
-        used = max(stats.cpu_usage_usec - previous.usage_usec, 0)
-        pct = min(100.0, 100.0 * used / (wall_usec * record.cpu_count))
-        return Metrics(
-            timestamp=now,
-            cpu_count=record.cpu_count,
-            cpu_used_pct=round(pct, 2),
-            mem_used=stats.memory_bytes,
-            mem_total=stats.memory_limit_bytes or record.memory_mb * MIB,
-            mem_cache=0,
-            disk_used=0,
-            disk_total=record.disk_size_mb * MIB,
-        )
+        disk_used = await self.storage.disk_used(sandbox_id)
+        now_live = self.get_live(sandbox_id)
+        if now_live is None or now_live.jail is not live.jail:
+            return  # killed or paused meanwhile
+        capacity = Capacity(record.cpu_count, record.memory_mb * MIB, record.disk_size_mb * MIB)
+        self._metrics.record(sandbox_id, record.started_at, capacity, stats, disk_used)
+
+    async def _sample_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            next_round = loop.time() + self._metrics_interval
+            for sandbox_id in list(self._live):
+                try:
+                    await self._sample_if_running(sandbox_id)
+                except Exception:
+                    log.warning("could not sample sandbox %s", sandbox_id, exc_info=True)
+            await asyncio.sleep(max(next_round - loop.time(), 0.0))
 
     async def logs(
         self,

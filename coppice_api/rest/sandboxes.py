@@ -71,7 +71,7 @@ async def sandboxes_metrics(request: web.Request) -> web.Response:
     result: dict[str, Any] = {}
     for sandbox_id in ids:
         try:
-            metrics = await manager.metrics(sandbox_id)
+            metrics = await manager.latest_metrics(sandbox_id)
         except SandboxError:
             continue  # unknown ids are left out, as E2B does
         if metrics is not None:
@@ -166,10 +166,12 @@ async def fork(request: web.Request) -> web.Response:
 @routes.get("/sandboxes/{sandbox_id}/metrics")
 async def sandbox_metrics(request: web.Request) -> web.Response:
     sandbox_id = schemas.sandbox_id(request)
-    for name in ("start", "end"):
-        schemas.query_int(request, name, 0, 0, 2**53)
-    metrics = await context(request).manager.metrics(sandbox_id)
-    return web.json_response([] if metrics is None else [schemas.metric_json(metrics)])
+    start, end = (
+        schemas.query_int(request, name, 0, 0, 2**53) if name in request.query else None
+        for name in ("start", "end")
+    )
+    series = await context(request).manager.metrics(sandbox_id, start, end)
+    return web.json_response([schemas.metric_json(metrics) for metrics in series])
 
 
 @routes.get("/sandboxes/{sandbox_id}/logs")

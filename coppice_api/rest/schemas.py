@@ -16,9 +16,9 @@ from aiohttp import web
 from coppice_api.jails.manager import (
     DEFAULT_TIMEOUT_SECONDS,
     CreateSpec,
-    Metrics,
     template_aliases,
 )
+from coppice_api.jails.metrics import Metrics
 from coppice_api.jails.registry import (
     EventRecord,
     Order,

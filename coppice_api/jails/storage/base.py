@@ -124,3 +124,8 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def list_sandboxes(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    async def disk_used(self, sandbox_id: str) -> int:
+        """Bytes the sandbox's files take as `df` inside it would count them: its template's
+        and what it wrote since."""

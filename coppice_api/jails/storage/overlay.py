@@ -89,6 +89,7 @@ class OverlayStorage(Storage):
         self._incoming = base_dir / "incoming"
         self._trash = base_dir / "trash"
         self._ready = False
+        self._template_sizes: dict[str, int] = {}
 
     # Plumbing -------------------------------------------------------------------------------
     def _ensure_ready(self) -> None:
@@ -180,6 +181,7 @@ class OverlayStorage(Storage):
 
     async def delete_template(self, template: str) -> None:
         check_name("template", template)
+        self._template_sizes.pop(template, None)
 
         def delete() -> None:
             self._ensure_ready()
@@ -255,6 +257,22 @@ class OverlayStorage(Storage):
             shutil.rmtree(doomed)
 
         await asyncio.to_thread(remove)
+
+    async def disk_used(self, sandbox_id: str) -> int:
+        sandbox = self._sandbox_dir(sandbox_id)
+
+        def measure() -> tuple[str, int]:
+            return (sandbox / "template").read_text(), _tree_size(sandbox / "upper")
+
+        try:
+            template, written = await asyncio.to_thread(measure)
+        except FileNotFoundError as e:
+            raise StorageError(f"no sandbox {sandbox_id!r}") from e
+        # Templates never change: each is measured once. (A file the sandbox changed counts in
+        # both layers, as it does take space in both.)
+        if template not in self._template_sizes:
+            self._template_sizes[template] = await self.template_size(template)
+        return self._template_sizes[template] + written
 
     async def list_sandboxes(self) -> list[str]:
         def names() -> list[str]:

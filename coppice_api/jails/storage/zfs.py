@@ -335,6 +335,13 @@ class ZfsStorage(Storage):
         await self._ensure_ready()
         await self._destroy_dataset(f"{self._sandboxes}/{sandbox_id}")
 
+    async def disk_used(self, sandbox_id: str) -> int:
+        check_name("sandbox", sandbox_id)
+        out = await self._zfs(
+            "get", "-H", "-p", "-o", "value", "referenced", f"{self._sandboxes}/{sandbox_id}"
+        )
+        return int(out.strip())
+
     async def list_sandboxes(self) -> list[str]:
         await self._ensure_ready()
         return await self._children(self._sandboxes)
