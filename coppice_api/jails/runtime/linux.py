@@ -23,6 +23,7 @@ import socket
 import struct
 import subprocess
 import uuid
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,6 +261,24 @@ class LinuxJail(Jail):
         self._init = init
         self._cgroups = cgroups
         self._socket_path = socket_path
+        self._init_pidfd: int | None = None  # opened on first use, see open_root
+
+    def _gone(self) -> OSError:
+        return OSError(errno.ESRCH, f"jail {self.sandbox_id} is not running")
+
+    def _pidfd(self) -> int:
+        """A pidfd of init: it names that very process, never one that reuses its pid."""
+        if self._init_pidfd is None:
+            try:
+                pidfd = os.pidfd_open(self._init.pid)
+            except OSError:
+                raise self._gone() from None
+            if not self._init.is_alive():  # checked after opening: the pid was not reused
+                os.close(pidfd)
+                raise self._gone()
+            self._init_pidfd = pidfd
+            weakref.finalize(self, os.close, pidfd)
+        return self._init_pidfd
 
     async def exec(self, spec: ExecSpec) -> LinuxProcess:
         request = _encode_exec(spec)
@@ -348,16 +367,19 @@ class LinuxJail(Jail):
 
     def open_root(self) -> ConfinedRoot:
         # init's root is the jail's own mount tree (it pivot_root'ed into it). Checked after
-        # opening: had the pid been reused meanwhile, the start time could not match.
+        # opening, through init's pidfd: had init ended and its pid been reused meanwhile, the
+        # signal would find no process (a dead init's root cannot be opened at all).
+        pidfd = self._pidfd()
         try:
             root = ConfinedRoot(Path(f"/proc/{self._init.pid}/root"), key=str(self.root))
         except OSError:
-            root = None
-        if root is not None and self._init.is_alive():
-            return root
-        if root is not None:
+            raise self._gone() from None
+        try:
+            signal.pidfd_send_signal(pidfd, 0)
+        except ProcessLookupError:
             root.close()
-        raise OSError(errno.ESRCH, f"jail {self.sandbox_id} is not running")
+            raise self._gone() from None
+        return root
 
     async def stop(self) -> None:
         await asyncio.to_thread(_teardown, self._init, self._cgroups, self._socket_path)
