@@ -11,6 +11,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
@@ -189,3 +190,28 @@ async def test_node_sdk_create_list_kill(service: Service) -> None:
     assert result["killed"] is True
     assert result["killedAgain"] is False
     assert service.backends.storage.sandboxes == {}
+
+
+async def test_python_sdk_lists_sandboxes_started_at_or_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A start time that the API's microsecond `startedAt` rounds up: the SDK's own
+    # `started_after=info.started_at` must still find the sandbox.
+    backends = Backends(tmp_path)
+    async with backends.manager(clock=lambda: 1_800_000_000.0000007) as manager:
+        runner = await start_api(build_app(manager, [KEY], DOMAIN), "127.0.0.1", 0)
+        monkeypatch.setenv("E2B_API_URL", f"http://127.0.0.1:{bound_port(runner)}")
+        monkeypatch.setenv("E2B_API_KEY", KEY)
+        try:
+            sbx = await sdk(Sandbox.create, "base", timeout=120)
+            info = await sdk(sbx.get_info)
+
+            def listed(query: SandboxQuery) -> list[str]:
+                return [s.sandbox_id for s in Sandbox.list(query=query).next_items()]
+
+            at = SandboxQuery(started_after=info.started_at)
+            assert await sdk(listed, at) == [sbx.sandbox_id]
+            later = SandboxQuery(started_after=info.started_at + timedelta(milliseconds=1))
+            assert await sdk(listed, later) == []
+        finally:
+            await runner.cleanup()

@@ -194,6 +194,12 @@ def _timestamp(name: str, raw: str | None) -> float | None:
         raise BadRequest(f"{name}: must be an RFC 3339 date-time") from e
 
 
+def _at_or_after(ts: float | None) -> float | None:
+    """A bound that takes in a sandbox started at the very time the API shows for it:
+    `startedAt` is rounded to the microsecond, so the bound gets that much slack."""
+    return None if ts is None else ts - 1e-6
+
+
 def list_query(request: web.Request) -> SandboxQuery:
     order = request.query.get("order", "desc")
     if order not in ("asc", "desc"):
@@ -202,7 +208,7 @@ def list_query(request: web.Request) -> SandboxQuery:
         metadata=metadata_filter(request.query.get("metadata")),
         states=_states(request.query.get("state")),
         template=request.query.get("template") or None,
-        started_after=_timestamp("startedAfter", request.query.get("startedAfter")),
+        started_after=_at_or_after(_timestamp("startedAfter", request.query.get("startedAfter"))),
         order=cast(Order, order),
         limit=query_int(request, "limit", MAX_PAGE, 1, MAX_PAGE),
         next_token=request.query.get("nextToken") or None,
