@@ -1,6 +1,7 @@
 # Shared, idempotent setup for scripts/serve and scripts/test (sourced, not run).
 # Installs what Coppice needs on a Debian 12 machine: system packages (as root), a .venv with the
-# project, and with `dev` the test tools (pip dev extras, npm SDKs and buf).
+# locked Python dependencies (requirements/*.lock, refreshed by scripts/update-lock) and the
+# project, and with `dev` the test tools (the dev lock, npm SDKs and buf from package-lock.json).
 set -euo pipefail
 
 COPPICE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -40,7 +41,8 @@ setup_system() {
 
 pick_python() {
     local py
-    for py in "${PYTHON:-}" python3.13 python3.12 python3.11 python3; do
+    # 3.11 first: the locks are compiled for it (Debian 12's python3).
+    for py in "${PYTHON:-}" python3.11 python3 python3.13 python3.12; do
         [ -n "$py" ] || continue
         if command -v "$py" >/dev/null 2>&1 && "$py" -c "import sys; sys.exit(sys.version_info < (3, 11))" 2>/dev/null; then
             echo "$py"; return 0
@@ -49,8 +51,16 @@ pick_python() {
     log "Python >= 3.11 not found"; return 1
 }
 
+lock_stamp() {
+    # What a venv set up from requirements/$1.lock holds: the lock's and pyproject.toml's digest.
+    echo "$1-$(cat "$COPPICE_ROOT/requirements/$1.lock" "$COPPICE_ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
+}
+
 setup_venv() {
-    local extra="${1:-}" py hash current
+    # The locked dependencies (service.lock, or dev.lock with `dev`: service + dev extras), then
+    # the project itself, editable, with --no-deps (setuptools comes from the lock too).
+    local lock=service py want current
+    [ "${1:-}" = dev ] && lock=dev
     py="$(pick_python)"
     if [ ! -x "$VENV/bin/python" ]; then
         log "creating $VENV with $py"
@@ -58,25 +68,28 @@ setup_venv() {
             rm -rf "$VENV"; apt_install /usr/share/doc/python3-venv python3-venv; "$py" -m venv "$VENV"
         fi
     fi
-    # Reinstall only when pyproject.toml changed, or when dev extras are wanted and missing.
-    hash="$(sha256sum "$COPPICE_ROOT/pyproject.toml" | cut -c1-16)"
+    # Reinstall only when the lock or pyproject.toml changed. A venv set up from the current dev
+    # lock also serves: scripts/update-lock gives the two locks the same versions where they meet.
+    want="$(lock_stamp "$lock")"
     current="$(cat "$VENV/.coppice-installed" 2>/dev/null || true)"
-    if [ "$current" != "$hash-${extra:-base}" ] && [ "$current" != "$hash-dev" ]; then
-        log "pip install -e .${extra:+[$extra]} (progress below)"
+    if [ "$current" != "$want" ] && { [ "$lock" = dev ] || [ "$current" != "$(lock_stamp dev)" ]; }; then
+        log "pip install -r requirements/$lock.lock, then -e . --no-deps (progress below)"
         "$VENV/bin/python" -m pip install -q --upgrade pip >&2
-        "$VENV/bin/python" -m pip install --progress-bar on -e "$COPPICE_ROOT${extra:+[$extra]}" >&2
-        echo "$hash-${extra:-base}" > "$VENV/.coppice-installed"
+        "$VENV/bin/python" -m pip install --progress-bar on --require-hashes \
+            -r "$COPPICE_ROOT/requirements/$lock.lock" >&2
+        "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$COPPICE_ROOT" >&2
+        echo "$want" > "$VENV/.coppice-installed"
     fi
 }
 
 setup_node() {
-    # The official Node SDKs and buf, for the tests (tests/node/package.json).
+    # The official Node SDKs and buf, for the tests: exactly tests/node/package-lock.json.
     local dir="$COPPICE_ROOT/tests/node" stamp want
-    want="$(sha256sum "$dir/package.json" | cut -c1-16)"
+    want="$(cat "$dir/package.json" "$dir/package-lock.json" | sha256sum | cut -c1-16)"
     stamp="$dir/node_modules/.coppice-installed"
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-        log "npm install (tests/node: e2b, @e2b/code-interpreter, @bufbuild/buf)"
-        (cd "$dir" && npm install --no-audit --no-fund --loglevel=error >&2)
+        log "npm ci (tests/node: e2b, @e2b/code-interpreter, @bufbuild/buf)"
+        (cd "$dir" && npm ci --prefer-offline --no-audit --no-fund --loglevel=error >&2)
         echo "$want" > "$stamp"
     fi
 }
