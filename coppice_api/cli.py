@@ -16,6 +16,7 @@ DEFAULT_DATA_DIR = Path(os.environ.get("COPPICE_DATA_DIR", "/var/lib/coppice"))
 DEFAULT_API_PORT = 3000
 DEFAULT_GATEWAY_PORTS = (49983, 49999)
 DEFAULT_DOMAIN = "coppice.lan"
+DATA_DIR_HELP = f"state, templates and keys (default: {DEFAULT_DATA_DIR}, or $COPPICE_DATA_DIR)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,15 +24,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="coppice",
         description="Self-hosted E2B-compatible sandboxes on jails and copy-on-write clones.",
     )
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=DEFAULT_DATA_DIR,
-        help="state, templates and keys (default: %(default)s, or $COPPICE_DATA_DIR)",
-    )
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help=DATA_DIR_HELP)
+    # Every subcommand takes --data-dir too (`coppice serve --data-dir DIR`, as `scripts/serve
+    # ARGS` passes it); SUPPRESS leaves the global value alone unless it is given there.
+    data_dir = argparse.ArgumentParser(add_help=False)
+    data_dir.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS, help=DATA_DIR_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    serve = sub.add_parser("serve", help="run the lifecycle API and the envd gateway")
+    def add_parser(
+        subparsers: argparse._SubParsersAction[argparse.ArgumentParser], name: str, summary: str
+    ) -> argparse.ArgumentParser:
+        return subparsers.add_parser(name, help=summary, parents=[data_dir])
+
+    serve = add_parser(sub, "serve", "run the lifecycle API and the envd gateway")
     serve.add_argument("--host", default="0.0.0.0", help="listen address (default: %(default)s)")
     serve.add_argument("--api-port", type=int, default=DEFAULT_API_PORT)
     serve.add_argument(
@@ -53,27 +58,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="templates to build (once) before serving; empty for none",
     )
 
-    template = sub.add_parser("template", help="build, import and list sandbox templates")
+    template = add_parser(sub, "template", "build, import and list sandbox templates")
     template.add_argument("--storage", choices=("auto", "zfs", "overlay"), default="auto")
     template.add_argument("--zfs-dataset")
     tsub = template.add_subparsers(dest="template_command", metavar="ACTION", required=True)
-    build = tsub.add_parser("build", help="build a template (base, code-interpreter-v1)")
+    build = add_parser(tsub, "build", "build a template (base, code-interpreter-v1)")
     build.add_argument("name")
-    imp = tsub.add_parser("import", help="import a root filesystem tarball as a template")
+    imp = add_parser(tsub, "import", "import a root filesystem tarball as a template")
     imp.add_argument("name")
     imp.add_argument("tarball", type=Path)
-    tsub.add_parser("list", help="list templates: name, size, created, backend")
+    add_parser(tsub, "list", "list templates: name, size, created, backend")
 
-    sandbox = sub.add_parser("sandbox", help="list, inspect and kill sandboxes (via the API)")
+    sandbox = add_parser(sub, "sandbox", "list, inspect and kill sandboxes (via the API)")
     sandbox.add_argument("--api-url", default=None, help="default: $E2B_API_URL or localhost")
     ssub = sandbox.add_subparsers(dest="sandbox_command", metavar="ACTION", required=True)
-    ssub.add_parser("list", help="list sandboxes")
-    info = ssub.add_parser("info", help="show one sandbox")
+    add_parser(ssub, "list", "list sandboxes")
+    info = add_parser(ssub, "info", "show one sandbox")
     info.add_argument("sandbox_id")
-    kill = ssub.add_parser("kill", help="kill a sandbox")
+    kill = add_parser(ssub, "kill", "kill a sandbox")
     kill.add_argument("sandbox_id")
 
-    env = sub.add_parser("env", help="print the environment variables an E2B SDK client needs")
+    env = add_parser(sub, "env", "print the environment variables an E2B SDK client needs")
     env.add_argument("--api-port", type=int, default=DEFAULT_API_PORT)
     env.add_argument("--gateway-port", type=int, default=DEFAULT_GATEWAY_PORTS[0])
     env.add_argument("--address", default="127.0.0.1")
