@@ -21,7 +21,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,15 +117,21 @@ def _wait_ready(stack: Stack, process: subprocess.Popen[bytes], timeout: float =
 
 
 @contextlib.contextmanager
-def running_stack() -> Iterator[Stack]:
+def running_stack(
+    serve: Sequence[str] = (str(COPPICE), "serve"), environ: Mapping[str, str] | None = None
+) -> Iterator[Stack]:
+    """`SERVE --data-dir DIR --host 127.0.0.1 --api-port … --gateway-ports …`, ready. SERVE is
+    this venv's `coppice serve` unless given (e.g. `scripts/serve`), run in `environ` (default:
+    this process's environment) less COPPICE_API_KEYS."""
     data_dir = Path(tempfile.mkdtemp(prefix="cst-", dir="/var/tmp"))
     seed_templates(data_dir)
     stack = Stack(data_dir, _free_port(), _free_port(), _free_port(), data_dir / "serve.log")
-    env = {k: v for k, v in os.environ.items() if k != "COPPICE_API_KEYS"}
+    environ = os.environ if environ is None else environ
+    env = {k: v for k, v in environ.items() if k != "COPPICE_API_KEYS"}
     with stack.log_path.open("wb") as log:
         process = subprocess.Popen(
             [
-                str(COPPICE), "--data-dir", str(data_dir), "serve", "--host", "127.0.0.1",
+                *serve, "--data-dir", str(data_dir), "--host", "127.0.0.1",
                 "--api-port", str(stack.api_port),
                 "--gateway-ports", f"{stack.envd_port},{stack.interpreter_port}",
             ],
