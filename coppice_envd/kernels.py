@@ -216,17 +216,23 @@ class _OutputTail:
 
     def __init__(self, fd: int) -> None:
         self.data = b""
+        self._stopped = False
+        self._transport: asyncio.ReadTransport | None = None
         self._task = asyncio.create_task(self._drain(fd))
 
     async def _drain(self, fd: int) -> None:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         pipe = os.fdopen(fd, "rb", buffering=0)
+        # Never cancelled: uvloop closes the pipe's fd twice when connect_read_pipe is cancelled
+        # midway (the second close hits whatever file got that number meanwhile). `cancel`
+        # closes the transport instead, which ends the read loop.
         transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), pipe
         )
+        self._transport = transport
         try:
-            while chunk := await reader.read(65536):
+            while not self._stopped and (chunk := await reader.read(65536)):
                 self.data = (self.data + chunk)[-_OUTPUT_TAIL:]
         finally:
             transport.close()
@@ -237,7 +243,9 @@ class _OutputTail:
         return self.data.decode("utf-8", "replace").strip()
 
     def cancel(self) -> None:
-        self._task.cancel()
+        self._stopped = True
+        if self._transport is not None:
+            self._transport.close()
 
 
 class KernelRun:
