@@ -106,6 +106,7 @@ class GatewayObserver:
         self._gateway.sandbox_ending(sandbox_id)
 
     async def sandbox_stopped(self, sandbox_id: str) -> None:
+        self._gateway.sandbox_stopped(sandbox_id)
         await self._processes.forget(sandbox_id)
         await self._interpreter.sandbox_stopped(sandbox_id)
 

@@ -53,6 +53,7 @@ from coppice_envd.filesystem import FilesystemService
 from coppice_envd.routing import (
     ENVD_PORT,
     INTERPRETER_PORT,
+    SANDBOX_NOT_FOUND,
     RequestScope,
     Route,
     RoutingError,
@@ -144,12 +145,20 @@ class Gateway:
         self._interpreter = interpreter
         self._closables = closables
         self._responses: dict[str, set[_Response]] = {}  # sandbox id → responses in flight
+        self._ending: set[str] = set()  # sandboxes being killed: gone for every new request
 
     def sandbox_ending(self, sandbox_id: str) -> None:
-        """Cut every response in flight for the sandbox (call before its jail is stopped, so
-        that nothing its death causes reaches a client as a clean ending)."""
+        """Cut every response in flight for the sandbox and answer new requests for it as for
+        a sandbox that is gone (call before its jail is stopped, so that nothing its death
+        causes reaches a client as a clean ending, and a client's health probe right after
+        the cut is told the sandbox was killed)."""
+        self._ending.add(sandbox_id)
         for response in self._responses.pop(sandbox_id, ()):
             response.cut = True
+
+    def sandbox_stopped(self, sandbox_id: str) -> None:
+        """The sandbox's jail has ended (routing no longer finds it)."""
+        self._ending.discard(sandbox_id)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -208,6 +217,8 @@ class Gateway:
         server = scope.get("server")
         try:
             route = route_request(headers, server[1] if server else None, self._lookup)
+            if route.sandbox.sandbox_id in self._ending:
+                raise RoutingError(SANDBOX_NOT_FOUND, route.sandbox.sandbox_id)
         except RoutingError as e:
             await send_json(send, 502, e.body(), [("x-content-type-options", "nosniff")])
             return
