@@ -4,13 +4,19 @@ and real debootstrap builds (cached across runs, see template_fixtures)."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import hashlib
 import io
 import os
 import secrets
 import stat
 import subprocess
 import tarfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -25,6 +31,7 @@ from coppice_api.jails.storage.overlay import OverlayStorage
 from coppice_api.jails.storage.zfs import ZfsStorage
 from coppice_api.jails.templates import (
     RECIPES,
+    NpmRelease,
     TemplateError,
     TemplateStore,
     UnknownTemplate,
@@ -332,10 +339,81 @@ async def test_cancelled_import_leaves_nothing(store: TemplateStore, tmp_path: P
 
 def test_recipes_digest_tracks_packages() -> None:
     base = RECIPES["base"]
-    changed = templates.Recipe(base.name, base.parent, (*base.packages, "vim"))
+    changed = templates.Recipe(base.name, base.parent, (*base.packages, "vim"), base.npm)
     assert changed.digest() != base.digest()
-    assert {"bash", "python3", "sudo", "curl", "git", "procps"} <= set(base.packages)
+    other_npm = NpmRelease("10.9.8", base.npm.integrity if base.npm else "")
+    assert templates.Recipe(base.name, None, base.packages, other_npm).digest() != base.digest()
+    assert {"bash", "python3", "python-is-python3", "python3-pip", "nodejs"} <= set(base.packages)
+    assert {"sudo", "curl", "git", "procps"} <= set(base.packages)
+    assert base.npm == templates.NPM
     assert RECIPES["code-interpreter-v1"].parent == "base"
+
+
+def _fake_npm_tarball(path: Path) -> NpmRelease:
+    """A tarball laid out as npm's own (package/...), and the release that pins it."""
+    path.parent.mkdir(parents=True)
+    with tarfile.open(path, "w:gz") as tar:
+        _add(tar, "package/package.json", data=b'{"name": "npm", "version": "0.0.1-test"}\n')
+        for cli in ("npm-cli.js", "npx-cli.js"):
+            _add(tar, f"package/bin/{cli}", data=b"#!/usr/bin/env node\n", mode=0o755)
+    digest = base64.b64encode(hashlib.sha512(path.read_bytes()).digest()).decode()
+    return NpmRelease("0.0.1-test", f"sha512-{digest}")
+
+
+@contextlib.contextmanager
+def _serving(directory: Path) -> Iterator[str]:
+    """A real HTTP server for `directory` on a free loopback port (a stand-in registry)."""
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+async def test_npm_is_downloaded_pinned_then_installed_from_the_cache(tmp_path: Path) -> None:
+    registry = tmp_path / "registry"
+    release = _fake_npm_tarball(registry / "npm" / "-" / "npm-0.0.1-test.tgz")
+    cache = tmp_path / "cache"
+    lines: list[str] = []
+
+    async def install(url: str, pin: NpmRelease, rootfs: Path) -> None:
+        await asyncio.to_thread((rootfs / "usr" / "local" / "bin").mkdir, parents=True)
+        store = TemplateStore(
+            tmp_path / "data", OverlayStorage(tmp_path / "overlay"), cache, npm_registry=url
+        )
+        await store._install_npm("t", pin, rootfs, lines.append)
+
+    with _serving(registry) as url:
+        wrong = NpmRelease(release.version, "sha512-" + base64.b64encode(b"x" * 64).decode())
+        with pytest.raises(TemplateError, match="does not match the pinned"):
+            await install(url, wrong, tmp_path / "refused")
+        assert not (cache / "npm" / release.tarball).exists()
+        await install(url, release, tmp_path / "first")
+    assert any("downloaded" in line for line in lines)
+    # The registry is gone: the cached tarball does, once it is checked again.
+    await install(url, release, tmp_path / "second")
+    assert any("cached, sha512 verified" in line for line in lines)
+    for rootfs in (tmp_path / "first", tmp_path / "second"):
+        npm = rootfs / "usr" / "local" / "lib" / "node_modules" / "npm"
+        assert (npm / "package.json").is_file()
+        assert (npm / "npmrc").read_text() == "prefix=/usr/local\n"
+        for command in ("npm", "npx"):
+            link = rootfs / "usr" / "local" / "bin" / command
+            assert os.readlink(link) == f"../lib/node_modules/npm/bin/{command}-cli.js"
+            assert os.access(link, os.X_OK)
+    # A damaged cached tarball is not trusted (and cannot be fetched again now).
+    (cache / "npm" / release.tarball).write_bytes(b"damaged")
+    with pytest.raises(TemplateError, match="cannot download"):
+        await install(url, release, tmp_path / "third")
 
 
 def test_mirror_comes_from_debian_sources(tmp_path: Path) -> None:
@@ -401,10 +479,91 @@ def test_built_base_has_user_home_python_sudo(base_template_root: Path) -> None:
     sudoers = root / "etc" / "sudoers.d" / "user"
     assert "NOPASSWD" in sudoers.read_text()
     assert stat.S_IMODE(sudoers.stat().st_mode) == 0o440
+    shadow = {f[0]: f[1] for f in (x.split(":") for x in (root / "etc/shadow").read_text().split())}
+    assert (shadow["root"], shadow["user"]) == ("", ""), "no passwords, as in E2B"
+    for shared in ("code", "usr/local", "usr/local/bin", "usr/local/lib/python3.11/dist-packages"):
+        assert stat.S_IMODE((root / shared).stat().st_mode) == 0o777, shared
+    assert "break-system-packages = true" in (root / "etc" / "pip.conf").read_text()
     assert "localhost" in (root / "etc" / "hosts").read_text()
     assert "myhostname" in (root / "etc" / "nsswitch.conf").read_text()
     assert not list((root / "var" / "cache" / "apt" / "archives").glob("*.deb"))
     assert '"${EUID:-$(id -u)}"' in (root / "etc" / "profile").read_text()
+
+
+def _as_user_on_a_clone(root: Path, tmp_path: Path, script: str) -> str:
+    """`bash -l -c script` as `user` in a throwaway overlay over a built template (the
+    template itself stays untouched); its stdout."""
+    layers = [tmp_path / name for name in ("upper", "work", "merged")]
+    for layer in layers:
+        layer.mkdir()
+    result = subprocess.run(
+        [
+            "unshare", "-m", "--propagation", "private", "sh", "-euc",
+            'mount -t overlay overlay -o "lowerdir=$1,upperdir=$2,workdir=$3" "$4"\n'
+            'exec chroot --userspec=1000:1000 "$4" /usr/bin/env -i HOME=/home/user USER=user '
+            'PATH=/usr/bin:/bin /bin/bash -l -c "cd && $5"',
+            "sh", str(root), *map(str, layers), script,
+        ],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+# What a user of E2B's base template counts on finding on PATH.
+E2B_BASE_COMMANDS = (
+    "python", "python3", "pip", "pip3", "node", "npm", "npx", "git", "curl", "wget", "sudo",
+    "ssh", "make", "unzip", "xz", "bzip2", "file", "patch", "ps",
+)  # fmt: skip
+
+
+# Installs without sudo, without a venv and without the network, as in E2B's base.
+INSTALL_AS_USER = r"""
+mkdir -p pyx/pyx && echo X=1 > pyx/pyx/__init__.py
+printf '[project]\nname = "pyx"\nversion = "1"\n' > pyx/pyproject.toml
+pip install -q --no-index --no-build-isolation ./pyx
+echo "pyx $(python -c 'import pyx; print(pyx.__file__)')"
+mkdir nx && cd nx
+echo '{"name": "nx", "version": "1.0.0", "bin": {"nx-hi": "hi.js"}}' > package.json
+printf '#!/usr/bin/env node\nconsole.log("hi from nx")\n' > hi.js
+npm pack -q > /dev/null && npm install -g -q --offline ./nx-1.0.0.tgz > /dev/null
+echo "nx $(command -v nx-hi) $(nx-hi)"
+python -m venv ~/venv && echo "venv $(~/venv/bin/pip --version | cut -d' ' -f1)"
+"""
+
+
+@pytest.mark.slow
+def test_built_base_has_e2b_base_tools_for_user(
+    base_template_root: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    script = "\n".join(
+        [
+            *(f'echo "path.{c} $(command -v {c})"' for c in E2B_BASE_COMMANDS),
+            'echo "version.python $(python --version)"',
+            'echo "version.pip $(pip --version)"',
+            'echo "version.node $(node --version)"',
+            'echo "version.npm $(npm --version)"',
+            'echo "npm.prefix $(npm config get prefix)"',
+            'echo "groups $(id -nG)"',
+            'echo "sudo $(sudo -n whoami)"',
+            INSTALL_AS_USER,
+        ]
+    )
+    output = _as_user_on_a_clone(base_template_root, tmp_path, script)
+    out = dict(line.split(" ", 1) for line in output.splitlines())
+    missing = [c for c in E2B_BASE_COMMANDS if not out.get(f"path.{c}", "").startswith("/usr/")]
+    assert missing == []
+    assert out["version.python"].startswith("Python 3.11.")
+    assert out["version.pip"].startswith("pip ")
+    assert out["version.node"].startswith("v18.")
+    assert out["version.npm"] == templates.NPM.version
+    assert out["npm.prefix"] == "/usr/local"
+    assert "sudo" in out["groups"].split()
+    assert out["sudo"] == "root"
+    assert out["pyx"] == "/usr/local/lib/python3.11/dist-packages/pyx/__init__.py"
+    assert out["nx"] == "/usr/local/bin/nx-hi hi from nx"
+    assert out["venv"] == "pip"
 
 
 @pytest.mark.slow

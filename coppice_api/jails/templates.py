@@ -14,6 +14,7 @@ metadata files here.
 from __future__ import annotations
 
 import asyncio
+import base64
 import builtins
 import contextlib
 import ctypes
@@ -24,8 +25,10 @@ import json
 import os
 import posixpath
 import signal
+import stat
 import tarfile
 import time
+import urllib.request
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -48,13 +51,14 @@ DEFAULT_USER = "user"
 DEFAULT_UID = 1000
 SUITE = "bookworm"
 FALLBACK_MIRROR = "http://deb.debian.org/debian"
+NPM_REGISTRY = "https://registry.npmjs.org"
 DEBIAN_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
 DEFAULT_ENV: Mapping[str, str] = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "LANG": "C.UTF-8",
 }
 # Bump when the build steps (not the package lists) change, to invalidate cached builds.
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 _LOCK_POLL_SECONDS = 0.2
 _MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -74,30 +78,70 @@ class UnknownTemplate(TemplateError, LookupError):
 
 
 @dataclass(frozen=True)
+class NpmRelease:
+    """One npm release from the registry, pinned by its `dist.integrity` (sha512)."""
+
+    version: str
+    integrity: str  # "sha512-<base64>", as `npm view npm@VERSION dist.integrity` prints it
+
+    @property
+    def tarball(self) -> str:
+        return f"npm-{self.version}.tgz"
+
+    def url(self, registry: str) -> str:
+        return f"{registry.rstrip('/')}/npm/-/{self.tarball}"
+
+    def matches(self, data: bytes) -> bool:
+        algorithm, _, expected = self.integrity.partition("-")
+        return algorithm == "sha512" and base64.b64encode(hashlib.sha512(data).digest()) == (
+            expected.encode()
+        )
+
+
+# Debian's own npm package pulls in 350 node-* packages (webpack, babel, eslint, ...: +175 MiB
+# and twice the build time); npm from the registry is one self-contained tarball (19 MiB).
+# 10.x is the newest line that runs on bookworm's Node 18.
+NPM = NpmRelease(
+    "10.9.9",
+    "sha512-1g+6jLQvaIuB4zwvHL7yrXuXcWZwDsCtBX8bbWDqbvJSSr9nPiDDWTHNgwXR27iIcTTW7v3A57hDW9RYv2W4Yg==",
+)
+
+
+@dataclass(frozen=True)
 class Recipe:
-    """How to build a template: debootstrap (parent None) or a parent template plus packages."""
+    """How to build a template: debootstrap minbase (parent None) or a copy of a parent, then
+    Debian packages (apt, no recommends) and, optionally, npm from the registry."""
 
     name: str
     parent: str | None
     packages: tuple[str, ...]
+    npm: NpmRelease | None = None
 
     def digest(self) -> str:
         """Changes whenever what the builder would produce changes (parents included)."""
         parent = RECIPES[self.parent].digest() if self.parent else None
-        spec = [BUILDER_VERSION, SUITE, self.name, parent, sorted(self.packages)]
+        npm = [self.npm.version, self.npm.integrity] if self.npm else None
+        spec = [BUILDER_VERSION, SUITE, self.name, parent, sorted(self.packages), npm]
         return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
 
 
 RECIPES: Mapping[str, Recipe] = {
+    # What a user of E2B's `base` counts on (its image is python:3.11 plus Node and npm), from
+    # Debian: bookworm's python 3.11 and Node 18 (E2B: 3.11, 20). Left out: build-essential
+    # (+262 MB), gh (+40 MB), yarn: `sudo apt-get install build-essential gh`, `npm i -g yarn`.
     "base": Recipe(
         "base",
         None,
         (
-            "bash", "coreutils", "procps", "python3", "curl", "git", "sudo",
-            "ca-certificates",
+            "bash", "coreutils", "procps", "sudo", "ca-certificates", "netbase",
+            "python3", "python-is-python3", "python3-pip", "python3-venv",
+            "nodejs",
+            "curl", "wget", "git", "openssh-client",
+            "unzip", "xz-utils", "bzip2", "file", "patch", "make",
             # Resolves the jail's own hostname (the sandbox id) so sudo & co. stay quiet.
             "libnss-myhostname",
         ),
+        npm=NPM,
     ),
     "code-interpreter-v1": Recipe(
         "code-interpreter-v1",
@@ -154,6 +198,7 @@ class TemplateStore:
         storage: Storage,
         cache_dir: Path | None = None,
         mirror: str | None = None,
+        npm_registry: str = NPM_REGISTRY,
     ) -> None:
         self.data_dir = Path(data_dir).absolute()
         self.storage = storage
@@ -161,6 +206,7 @@ class TemplateStore:
         self._build_dir = self.data_dir / "build"
         self._cache_dir = Path(cache_dir).absolute() if cache_dir else self.data_dir / "cache"
         self._mirror = mirror
+        self._npm_registry = npm_registry
         self._ready = False
         self._ready_lock = asyncio.Lock()
 
@@ -296,7 +342,11 @@ class TemplateStore:
                 await _stream(
                     ["cp", "-a", "-x", "--reflink=auto", "--", str(source), str(rootfs)], say
                 )
-                await self._apt_install(recipe, rootfs, say)
+            await self._apt_install(recipe, rootfs, say)
+            if recipe.npm is not None:
+                await self._install_npm(recipe.name, recipe.npm, rootfs, say)
+            if parent is None:
+                await self._add_default_user(recipe, rootfs, say)
             await asyncio.to_thread(_tidy_apt, rootfs)
             info = await self._publish(name, rootfs, say, origin="build", recipe=recipe)
         say(f"[{name}] built in {time.monotonic() - started:.1f} s ({info.size_bytes >> 20} MiB)")
@@ -308,25 +358,31 @@ class TemplateStore:
         await asyncio.to_thread(cache.mkdir, parents=True, exist_ok=True)
         say(f"[{recipe.name}] debootstrap {SUITE} from {mirror}")
         # In a private mount namespace, the /proc, /sys, /dev mounts debootstrap makes inside
-        # the tree die with it, even when it is killed half-way.
+        # the tree die with it, even when it is killed half-way. The packages come afterwards
+        # from apt: debootstrap's own resolver knows no virtual packages.
         await _stream(
             [
                 "unshare", "-m", "--propagation", "private",
-                "debootstrap", "--variant=minbase", f"--include={','.join(recipe.packages)}",
-                f"--cache-dir={cache}", SUITE, str(rootfs), mirror,
+                "debootstrap", "--variant=minbase", f"--cache-dir={cache}",
+                SUITE, str(rootfs), mirror,
             ],
             say,
         )  # fmt: skip
+
+    async def _add_default_user(self, recipe: Recipe, rootfs: Path, say: Progress) -> None:
         say(f"[{recipe.name}] adding user {DEFAULT_USER} (uid {DEFAULT_UID})")
         uid = str(DEFAULT_UID)
         await _stream(["chroot", str(rootfs), "groupadd", "-g", uid, DEFAULT_USER], say)
         await _stream(
             [
                 "chroot", str(rootfs), "useradd", "-m", "-u", uid, "-g", uid,
-                "-s", "/bin/bash", DEFAULT_USER,
+                "-G", "sudo", "-s", "/bin/bash", DEFAULT_USER,
             ],
             say,
         )  # fmt: skip
+        # As E2B: no password (rather than a locked one) for root and the user.
+        for account in ("root", DEFAULT_USER):
+            await _stream(["chroot", str(rootfs), "passwd", "-d", account], say)
         await asyncio.to_thread(_configure_base, rootfs)
 
     async def _apt_install(self, recipe: Recipe, rootfs: Path, say: Progress) -> None:
@@ -341,6 +397,26 @@ class TemplateStore:
             ],
             say,
         )  # fmt: skip
+
+    async def _install_npm(
+        self, name: str, release: NpmRelease, rootfs: Path, say: Progress
+    ) -> None:
+        """npm (and npx) in /usr/local, as a global `npm install -g npm` would put them."""
+        cache = self._cache_dir / "npm"
+        url = release.url(self._npm_registry)
+        say(f"[{name}] npm {release.version} from {url}")
+        tarball = await asyncio.to_thread(_fetch_npm, release, url, cache, say)
+        await asyncio.to_thread(check_tar_members, tarball)
+        target = rootfs / "usr" / "local" / "lib" / "node_modules" / "npm"
+        await asyncio.to_thread(target.mkdir, parents=True, exist_ok=True)
+        await _stream(
+            [
+                "tar", "-x", "-z", "--no-same-owner", "--strip-components=1",
+                "-f", str(tarball), "-C", str(target), "package/",
+            ],
+            say,
+        )  # fmt: skip
+        await asyncio.to_thread(_link_npm, rootfs)
 
     async def _publish(
         self,
@@ -595,12 +671,53 @@ chroot "$root" apt-get install -y --no-install-recommends "$@"
 """
 
 
+def _fetch_npm(release: NpmRelease, url: str, cache: Path, say: Progress) -> Path:
+    """The release's tarball, from the cache or downloaded into it; checked either way."""
+    path = cache / release.tarball
+    with contextlib.suppress(FileNotFoundError):
+        if release.matches(path.read_bytes()):
+            say(f"{release.tarball}: cached, sha512 verified")
+            return path
+    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            data = response.read()
+    except OSError as e:
+        raise TemplateError(f"cannot download {url}: {e}") from e
+    if not release.matches(data):
+        raise TemplateError(f"{url} does not match the pinned {release.integrity[:20]}…")
+    tmp = path.with_name(f".{release.tarball}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    say(f"{release.tarball}: downloaded {len(data)} bytes, sha512 verified")
+    return path
+
+
+def _link_npm(rootfs: Path) -> None:
+    """`npm`/`npx` on PATH, and global installs in /usr/local (with Node in /usr, npm would
+    put them in /usr): what npm's own builtin config file is for."""
+    npm = rootfs / "usr" / "local" / "lib" / "node_modules" / "npm"
+    (npm / "npmrc").write_text("prefix=/usr/local\n")
+    for command in ("npm", "npx"):
+        link = rootfs / "usr" / "local" / "bin" / command
+        link.unlink(missing_ok=True)
+        link.symlink_to(f"../lib/node_modules/npm/bin/{command}-cli.js")
+
+
 def _configure_base(rootfs: Path) -> None:
     """Passwordless sudo for the default user; hostname and hosts fit for a jail; a login
-    profile that does not fork."""
+    profile that does not fork; as in E2B's templates, `pip install` and `npm install -g`
+    work for anyone, in /usr/local, and there is a /code for everyone."""
     sudoers = rootfs / "etc" / "sudoers.d" / DEFAULT_USER
     sudoers.write_text(f"{DEFAULT_USER} ALL=(ALL) NOPASSWD:ALL\n")
     sudoers.chmod(0o440)
+    # Debian's pip refuses to install outside a venv (PEP 668); E2B's python (not Debian's)
+    # installs where asked. Outside a venv, pip installs into /usr/local, which apt never uses.
+    (rootfs / "etc" / "pip.conf").write_text("[global]\nbreak-system-packages = true\n")
+    _make_writable_by_all(rootfs / "usr" / "local")
+    code = rootfs / "code"
+    code.mkdir(exist_ok=True)
+    code.chmod(0o777)
     (rootfs / "etc" / "hostname").write_text("coppice\n")
     (rootfs / "etc" / "hosts").write_text(
         "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
@@ -611,6 +728,17 @@ def _configure_base(rootfs: Path) -> None:
     profile = rootfs / "etc" / "profile"
     if profile.is_file() and not profile.is_symlink():
         profile.write_text(profile.read_text().replace('"$(id -u)"', '"${EUID:-$(id -u)}"'))
+
+
+def _make_writable_by_all(top: Path) -> None:
+    """Every directory and file below `top` writable by everyone (symlinks left alone)."""
+    for directory, _, files in os.walk(top):
+        os.chmod(directory, 0o777)
+        for name in files:
+            path = os.path.join(directory, name)
+            mode = os.lstat(path).st_mode
+            if stat.S_ISREG(mode):
+                os.chmod(path, stat.S_IMODE(mode) | 0o666)
 
 
 def _tidy_apt(rootfs: Path) -> None:
