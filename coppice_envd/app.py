@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import socket
+import stat
+import struct
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -118,6 +121,35 @@ def _method_paths(*descriptors: Any) -> frozenset[str]:
     )
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_AF_UNSPEC_ADDRESS = struct.pack("H14x", socket.AF_UNSPEC)
+
+
+def _reset_connection(client: Any, server: Any) -> None:
+    """Reset the TCP connection between `client` and `server` (a connect to AF_UNSPEC makes
+    the kernel abort it with RST). hypercorn gives an app no handle on its socket: it is found
+    among this process's own. Blocking."""
+    if not client or not server:
+        return
+    wanted = ((client[0], int(client[1])), (server[0], int(server[1])))
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fd = int(name)
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            sock = socket.socket(fileno=os.dup(fd))
+        except (OSError, ValueError):
+            continue
+        with sock:
+            try:
+                ends = (tuple(sock.getpeername()[:2]), tuple(sock.getsockname()[:2]))
+            except (OSError, TypeError):
+                continue  # not connected, or not an internet socket
+            if ends == wanted:
+                _libc.connect(sock.fileno(), _AF_UNSPEC_ADDRESS, len(_AF_UNSPEC_ADDRESS))
+                return
+
+
 def _headers(scope: Scope) -> dict[str, str]:
     headers: dict[str, str] = {}
     for name, value in scope.get("headers", ()):
@@ -189,7 +221,11 @@ class Gateway:
         try:
             await self._serve(scope, receive, tracking_send, headers, response)
         except ResponseCut:
-            pass  # hypercorn drops the connection of a response that stops short
+            # hypercorn ends a response that stops short with a clean close (FIN), which some
+            # SDK versions read as a protocol error, not a lost connection: reset it (HTTP/1.1,
+            # one response per connection at a time; h2 resets just the stream).
+            if str(scope.get("http_version", "1.1")).startswith("1"):
+                await asyncio.to_thread(_reset_connection, scope.get("client"), scope.get("server"))
         except ConnectError as e:
             if e.code != Code.CANCELED:  # a client that left is no failure of ours
                 log.exception("gateway request %s %s failed", scope["method"], scope["path"])
