@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 import pytest
-from e2b import Sandbox, SandboxQuery, SandboxState
+from e2b import Sandbox, SandboxQuery, SandboxState, Template
 from e2b.exceptions import SandboxException
 from manager_fixtures import Backends, warm_python_sdk  # noqa: F401
 
@@ -87,6 +87,11 @@ async def test_python_sdk_create_info_timeout_kill(service: Service) -> None:
 async def test_python_sdk_unknown_template_is_a_clear_error(service: Service) -> None:
     with pytest.raises(SandboxException, match="available: base"):
         await sdk(Sandbox.create, "no-such-template")
+
+
+async def test_python_sdk_template_exists_by_name_and_alias(service: Service) -> None:
+    assert await sdk(Template.exists, "base") is True
+    assert await sdk(Template.exists, "no-such-template") is False
 
 
 async def test_python_sdk_list_filters_and_pages(service: Service) -> None:

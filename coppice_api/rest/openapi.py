@@ -64,6 +64,8 @@ _TEMPLATE_ID = {
     "schema": {"type": "string"},
 }
 
+_ALIAS = {"name": "alias", "in": "path", "required": True, "schema": {"type": "string"}}
+
 
 def _query(name: str, schema: Schema, description: str = "") -> Schema:
     parameter: Schema = {"name": name, "in": "query", "required": False, "schema": schema}
@@ -235,6 +237,11 @@ _SCHEMAS: Schema = {
         "type": "object",
         "required": ["logs"],
         "properties": {"logs": {"type": "array", "items": _ref("SandboxLogEntry")}},
+    },
+    "TemplateAlias": {
+        "type": "object",
+        "required": ["templateID", "public"],
+        "properties": {"templateID": {"type": "string"}, "public": {"type": "boolean"}},
     },
     "Template": {
         "type": "object",
@@ -544,6 +551,13 @@ _PATHS: Schema = {
         "get": _op(
             "List templates",
             {"200": _json({"type": "array", "items": _ref("Template")}), **_errors()},
+        )
+    },
+    "/templates/aliases/{alias}": {
+        "get": _op(
+            "Resolve a template name or alias",
+            {"200": _json(_ref("TemplateAlias")), **_errors(404)},
+            parameters=[_ALIAS],
         )
     },
     "/templates/{templateID}": {

@@ -28,6 +28,14 @@ async def list_templates(request: web.Request) -> web.Response:
     return web.json_response([_template_json(manager, i, with_builds=False) for i in infos])
 
 
+@routes.get("/templates/aliases/{alias}")
+async def get_template_alias(request: web.Request) -> web.Response:
+    """Whether a name resolves to a template (the SDK's `Template.exists`): 200 or 404."""
+    info = await context(request).manager.get_template(request.match_info["alias"])
+    # Every template here belongs to the one team the API keys stand for: never 403.
+    return web.json_response({"templateID": info.name, "public": False})
+
+
 @routes.get("/templates/{template_id:.+}")
 async def get_template(request: web.Request) -> web.Response:
     manager = context(request).manager
