@@ -34,13 +34,13 @@ from aiohttp import web  # noqa: E402
 from benchlib import percentile  # noqa: E402
 from manager_fixtures import Backends, install_dev_rootfs_template  # noqa: E402
 
-from coppice_api.jails.manager import SandboxManager  # noqa: E402
-from coppice_api.jails.registry import Registry  # noqa: E402
-from coppice_api.jails.runtime.linux import LinuxRuntime  # noqa: E402
-from coppice_api.jails.storage.overlay import OverlayStorage  # noqa: E402
-from coppice_api.jails.templates import TemplateStore  # noqa: E402
-from coppice_api.rest.app import bound_port, build_app, start_api  # noqa: E402
+from coppice_api.app import bound_port, build_app, start_api  # noqa: E402
 from coppice_envd.app import run_servers  # noqa: E402
+from coppice_jails.manager import SandboxManager  # noqa: E402
+from coppice_jails.registry import Registry  # noqa: E402
+from coppice_jails.runtime.linux import LinuxRuntime  # noqa: E402
+from coppice_jails.storage.overlay import OverlayStorage  # noqa: E402
+from coppice_jails.templates import TemplateStore  # noqa: E402
 
 KEY = "e2b_" + "be" * 20
 

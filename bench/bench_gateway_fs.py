@@ -35,7 +35,7 @@ from benchlib import percentile  # noqa: E402
 from gateway_fixtures import StaticLookup, make_sandbox  # noqa: E402
 
 from coppice_envd.app import build_gateway, run_servers, serve_gateway  # noqa: E402
-from coppice_envd.envd_http import Receive, Scope, Send, send_json  # noqa: E402
+from coppice_envd.envd_api.routes import Receive, Scope, Send, send_json  # noqa: E402
 
 CHUNK = 1024 * 1024
 

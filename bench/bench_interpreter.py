@@ -32,11 +32,11 @@ from pathlib import Path
 
 from benchlib import mount_overlay, percentile
 
-from coppice_api.jails.runtime.base import Jail, Limits
-from coppice_api.jails.runtime.linux import LinuxRuntime
 from coppice_envd.app import build_gateway, run_servers, serve_gateway
-from coppice_envd.interpreter import Interpreter
+from coppice_envd.interpreter.service import Interpreter
 from coppice_envd.sandboxes import SandboxLookup, SandboxView
+from coppice_jails.runtime.base import Jail, Limits
+from coppice_jails.runtime.linux import LinuxRuntime
 
 REPO = Path(__file__).resolve().parent.parent
 

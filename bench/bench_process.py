@@ -40,7 +40,11 @@ from connectrpc.request import Headers, RequestContext
 from e2b import AsyncSandbox, Sandbox
 from process import process_pb2 as pb
 
-from coppice_api.jails.runtime.base import (
+from coppice_envd.app import build_gateway, run_servers, serve_gateway
+from coppice_envd.process.service import ProcessService
+from coppice_envd.routing import RequestScope, enter_request
+from coppice_envd.sandboxes import DEFAULT_PATH, SandboxLookup, SandboxView
+from coppice_jails.runtime.base import (
     ExecSpec,
     ExitStatus,
     Jail,
@@ -50,11 +54,7 @@ from coppice_api.jails.runtime.base import (
     ProcessNotFound,
     User,
 )
-from coppice_api.jails.runtime.linux import LinuxRuntime
-from coppice_envd.app import build_gateway, run_servers, serve_gateway
-from coppice_envd.process import ProcessService
-from coppice_envd.routing import RequestScope, enter_request
-from coppice_envd.sandboxes import DEFAULT_PATH, SandboxLookup, SandboxView
+from coppice_jails.runtime.linux import LinuxRuntime
 
 ROOT = User("root", 0, 0, "/root", (0,))
 USER = User("user", 1000, 1000, "/home/user", (1000,))

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from benchlib import mount_overlay, percentile
 
-from coppice_api.jails.runtime.base import ExecSpec, Limits, User
-from coppice_api.jails.runtime.linux import LinuxJail, LinuxRuntime
+from coppice_jails.runtime.base import ExecSpec, Limits, User
+from coppice_jails.runtime.linux import LinuxJail, LinuxRuntime
 
 ROOT = User("root", 0, 0, "/root", (0,))
 ENV = {"PATH": "/usr/bin:/bin"}

@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from zfs_fixtures import zfs_test_pool
 
-from coppice_api.jails.storage.base import Storage, run_command
-from coppice_api.jails.storage.overlay import OverlayStorage
-from coppice_api.jails.storage.zfs import ZfsStorage
+from coppice_jails.storage.base import Storage, run_command
+from coppice_jails.storage.overlay import OverlayStorage
+from coppice_jails.storage.zfs import ZfsStorage
 
 Row = tuple[str, str, list[float], list[float]]
 

@@ -1,1 +1,1 @@
-"""Coppice lifecycle service: E2B's control plane over the jail layer (`coppice_api.jails`)."""
+"""Coppice lifecycle service: E2B's control plane over the jail layer (`coppice_jails`)."""

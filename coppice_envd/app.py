@@ -36,10 +36,9 @@ from process import process_connect, process_pb2
 from protobuf._codegen import file_desc
 from protobuf.wkt.google.protobuf import timestamp_pb
 
-from coppice_envd import envd_http, files
-from coppice_envd.auth import UNAUTHORIZED_MESSAGE, basic_auth_user, passes_token_gate
-from coppice_envd.codecs import GATEWAY_CODECS, GATEWAY_COMPRESSIONS
-from coppice_envd.envd_http import (
+from coppice_envd.envd_api import files
+from coppice_envd.envd_api import routes as envd_http
+from coppice_envd.envd_api.routes import (
     ASGIApp,
     HTTPRequest,
     Message,
@@ -52,7 +51,8 @@ from coppice_envd.envd_http import (
     send_not_found,
     send_response,
 )
-from coppice_envd.filesystem import FilesystemService
+from coppice_envd.filesystem.service import FilesystemService
+from coppice_envd.permissions.auth import UNAUTHORIZED_MESSAGE, basic_auth_user, passes_token_gate
 from coppice_envd.routing import (
     ENVD_PORT,
     INTERPRETER_PORT,
@@ -63,6 +63,7 @@ from coppice_envd.routing import (
     enter_request,
     route_request,
 )
+from coppice_envd.rpc.codecs import GATEWAY_CODECS, GATEWAY_COMPRESSIONS
 from coppice_envd.sandboxes import SandboxLookup
 
 log = logging.getLogger(__name__)

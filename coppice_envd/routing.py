@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
-from coppice_api.jails.confined import ConfinedRoot
-from coppice_api.jails.runtime.base import User
-from coppice_envd.accounts import Accounts
-from coppice_envd.auth import UnknownUser, effective_user
+from coppice_envd.permissions.accounts import Accounts
+from coppice_envd.permissions.auth import UnknownUser, effective_user
 from coppice_envd.sandboxes import SandboxLookup, SandboxView
+from coppice_jails.confined import ConfinedRoot
+from coppice_jails.runtime.base import User
 
 ENVD_PORT = 49983
 INTERPRETER_PORT = 49999

@@ -28,11 +28,11 @@ from pathlib import Path
 import httpx
 from process import process_connect
 
-from coppice_api.jails.runtime.base import ExecSpec, Jail, JailProcess, JailStats
 from coppice_envd.app import build_gateway, serve_gateway
-from coppice_envd.envd_http import ASGIApp
-from coppice_envd.filesystem import FilesystemService
+from coppice_envd.envd_api.routes import ASGIApp
+from coppice_envd.filesystem.service import FilesystemService
 from coppice_envd.sandboxes import SandboxLookup, SandboxView
+from coppice_jails.runtime.base import ExecSpec, Jail, JailProcess, JailStats
 
 USER_UID = 1000
 # A callback running longer than this on the loop is a blocking call in disguise. Not lower:

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from template_fixtures import built_template_root
 
-from coppice_api.jails.manager import SandboxManager
-from coppice_api.jails.registry import Registry
-from coppice_api.jails.runtime.base import ExecSpec, Jail, JailProcess, JailStats, Limits, Runtime
-from coppice_api.jails.storage.base import Storage, StorageError
-from coppice_api.jails.templates import TemplateInfo, TemplateStore
+from coppice_jails.manager import SandboxManager
+from coppice_jails.registry import Registry
+from coppice_jails.runtime.base import ExecSpec, Jail, JailProcess, JailStats, Limits, Runtime
+from coppice_jails.storage.base import Storage, StorageError
+from coppice_jails.templates import TemplateInfo, TemplateStore
 
 TEMPLATES = ("base", "code-interpreter-v1")
 

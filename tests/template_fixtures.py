@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from coppice_api.jails.storage.overlay import OverlayStorage
-from coppice_api.jails.templates import RECIPES, TemplateStore
+from coppice_jails.storage.overlay import OverlayStorage
+from coppice_jails.templates import RECIPES, TemplateStore
 
 
 def template_cache_dir() -> Path:

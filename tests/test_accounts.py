@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from asyncinotify import Inotify
 
-from coppice_api.jails.confined import ConfinedRoot
-from coppice_envd.accounts import Accounts
+from coppice_envd.permissions.accounts import Accounts
+from coppice_jails.confined import ConfinedRoot
 
 PASSWD = "root:x:0:0:root:/root:/bin/bash\nuser:x:1000:1000::/home/user:/bin/bash\n"
 GROUP = "root:x:0:\nuser:x:1000:\n"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from manager_fixtures import Backends
 
-from coppice_api.rest.app import bound_port, build_app, start_api
+from coppice_api.app import bound_port, build_app, start_api
 
 KEY = "e2b_" + "ef" * 20
 CHECKS = ",".join(

@@ -20,8 +20,8 @@ from e2b import Sandbox, SandboxQuery, SandboxState, Template
 from e2b.exceptions import SandboxException
 from manager_fixtures import Backends, warm_python_sdk  # noqa: F401
 
-from coppice_api.jails.manager import SandboxManager
-from coppice_api.rest.app import bound_port, build_app, start_api
+from coppice_api.app import bound_port, build_app, start_api
+from coppice_jails.manager import SandboxManager
 
 pytestmark = pytest.mark.usefixtures("warm_python_sdk")
 

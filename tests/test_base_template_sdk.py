@@ -11,7 +11,7 @@ import pytest
 from e2b import CommandExitException, CommandHandle, Sandbox
 from stack_fixtures import Stack, coppice_stack  # noqa: F401
 
-from coppice_api.jails.templates import NPM
+from coppice_jails.templates import NPM
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from coppice_api.cli import DEFAULT_DATA_DIR, build_parser
+from coppice.cli import DEFAULT_DATA_DIR, build_parser
 
 COPPICE = Path(sys.executable).parent / "coppice"
 

@@ -14,7 +14,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from process import process_pb2
 
-from coppice_envd.codecs import JSONCodec, message_to_json
+from coppice_envd.rpc.codecs import JSONCodec, message_to_json
 
 _MESSAGE_TYPES = sorted(
     {

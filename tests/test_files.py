@@ -17,7 +17,7 @@ import httpx
 import pytest
 from gateway_fixtures import USER_UID, RunningGateway, StaticLookup, make_sandbox, start_gateway
 
-from coppice_envd.auth import file_signature
+from coppice_envd.permissions.auth import file_signature
 
 TOKEN = "secret-token-a"
 

@@ -23,7 +23,7 @@ from gateway_fixtures import (
     start_gateway,
 )
 
-from coppice_envd.entryinfo import go_mode_string
+from coppice_envd.filesystem.entryinfo import go_mode_string
 
 FS = "filesystem.Filesystem"
 

@@ -20,7 +20,7 @@ from gateway_fixtures import (
     start_gateway,
 )
 
-from coppice_envd.envd_http import Receive, Scope, Send, send_json
+from coppice_envd.envd_api.routes import Receive, Scope, Send, send_json
 from coppice_envd.routing import current_sandbox, sandbox_from_host
 
 STAT = "filesystem.Filesystem/Stat"

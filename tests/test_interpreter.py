@@ -27,10 +27,10 @@ from gateway_fixtures import RunningGateway, StaticLookup, start_gateway
 from packaging.version import Version
 from template_fixtures import built_template_root
 
-from coppice_api.jails.runtime.base import Jail, Limits
-from coppice_api.jails.runtime.linux import LinuxRuntime
-from coppice_envd.interpreter import KEEPALIVE_SECONDS, Interpreter, result_item
+from coppice_envd.interpreter.service import KEEPALIVE_SECONDS, Interpreter, result_item
 from coppice_envd.sandboxes import SandboxView
+from coppice_jails.runtime.base import Jail, Limits
+from coppice_jails.runtime.linux import LinuxRuntime
 
 pytestmark = pytest.mark.slow
 

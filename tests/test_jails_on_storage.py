@@ -15,9 +15,9 @@ from template_fixtures import built_template_root
 from test_storage import storage, zfs_parent_or_overlay  # noqa: F401
 from zfs_fixtures import zfs_dataset  # noqa: F401
 
-from coppice_api.jails.runtime.base import ExecSpec, Limits, User
-from coppice_api.jails.runtime.linux import LinuxJail, LinuxRuntime
-from coppice_api.jails.storage.base import Storage
+from coppice_jails.runtime.base import ExecSpec, Limits, User
+from coppice_jails.runtime.linux import LinuxJail, LinuxRuntime
+from coppice_jails.storage.base import Storage
 
 USER = User("user", 1000, 1000, "/home/user", (1000,))
 ENV = {"PATH": "/usr/bin:/bin", "HOME": "/home/user"}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from manager_fixtures import Backends
 
-from coppice_api.jails.manager import (
+from coppice_jails.manager import (
     Conflict,
     CreateSpec,
     InvalidArgument,
@@ -19,7 +19,7 @@ from coppice_api.jails.manager import (
     SandboxManager,
     TemplateNotFound,
 )
-from coppice_api.jails.registry import Registry, SandboxQuery, SandboxRecord
+from coppice_jails.registry import Registry, SandboxQuery, SandboxRecord
 
 
 class Clock:

@@ -22,14 +22,14 @@ from manager_fixtures import (  # noqa: F401
 )
 from template_fixtures import built_template_root
 
-from coppice_api.jails.manager import CreateSpec, NotFound, SandboxManager
-from coppice_api.jails.registry import Registry, SandboxQuery
-from coppice_api.jails.runtime.base import ExecSpec, Jail, User
-from coppice_api.jails.runtime.cgroups import CgroupLayout
-from coppice_api.jails.runtime.linux import LinuxRuntime
-from coppice_api.jails.storage.overlay import OverlayStorage
-from coppice_api.jails.templates import TemplateStore
-from coppice_api.rest.app import bound_port, build_app, start_api
+from coppice_api.app import bound_port, build_app, start_api
+from coppice_jails.manager import CreateSpec, NotFound, SandboxManager
+from coppice_jails.registry import Registry, SandboxQuery
+from coppice_jails.runtime.base import ExecSpec, Jail, User
+from coppice_jails.runtime.cgroups import CgroupLayout
+from coppice_jails.runtime.linux import LinuxRuntime
+from coppice_jails.storage.overlay import OverlayStorage
+from coppice_jails.templates import TemplateStore
 
 ROOT = User(name="root", uid=0, gid=0, home="/root")
 KEY = "e2b_" + "12" * 20
@@ -210,11 +210,11 @@ async def test_paused_sandbox_survives_a_restart(real: Real) -> None:
 CRASHING_CREATE = """
 import asyncio, sys
 from pathlib import Path
-from coppice_api.jails.manager import CreateSpec, SandboxManager
-from coppice_api.jails.registry import Registry
-from coppice_api.jails.runtime.linux import LinuxRuntime
-from coppice_api.jails.storage.overlay import OverlayStorage
-from coppice_api.jails.templates import TemplateStore
+from coppice_jails.manager import CreateSpec, SandboxManager
+from coppice_jails.registry import Registry
+from coppice_jails.runtime.linux import LinuxRuntime
+from coppice_jails.storage.overlay import OverlayStorage
+from coppice_jails.templates import TemplateStore
 
 class StuckRegistry(Registry):
     async def insert_sandbox(self, record):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from coppice_api.jails.metrics import Capacity, MetricsSeries
-from coppice_api.jails.runtime.base import JailStats
+from coppice_jails.metrics import Capacity, MetricsSeries
+from coppice_jails.runtime.base import JailStats
 
 CAPACITY = Capacity(cpu_count=2, mem_total=512 << 20, disk_total=10 << 30)
 

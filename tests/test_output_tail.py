@@ -10,7 +10,7 @@ import os
 
 import uvloop
 
-from coppice_envd.kernels import _OutputTail
+from coppice_envd.interpreter.kernels import _OutputTail
 
 
 async def _lost_descriptors(turns: int, rounds: int = 50) -> int:

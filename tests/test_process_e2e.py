@@ -31,10 +31,10 @@ from process import process_connect
 from process import process_pb2 as pb
 from template_fixtures import built_template_root
 
-from coppice_api.jails.runtime.base import Limits
-from coppice_api.jails.runtime.linux import LinuxRuntime
-from coppice_envd.process import ProcessService
+from coppice_envd.process.service import ProcessService
 from coppice_envd.sandboxes import SandboxView
+from coppice_jails.runtime.base import Limits
+from coppice_jails.runtime.linux import LinuxRuntime
 
 
 @dataclass

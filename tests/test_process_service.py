@@ -29,7 +29,12 @@ from hypercorn.config import Config
 from process import process_connect
 from process import process_pb2 as pb
 
-from coppice_api.jails.runtime.base import (
+from coppice_envd.permissions.auth import basic_auth_user
+from coppice_envd.process.service import ProcessService, end_event
+from coppice_envd.process.table import Ended, Output, ProcessNotFound, ProcessTable
+from coppice_envd.routing import RequestScope, enter_request
+from coppice_envd.sandboxes import SandboxView
+from coppice_jails.runtime.base import (
     ExecError,
     ExecSpec,
     ExitStatus,
@@ -39,12 +44,7 @@ from coppice_api.jails.runtime.base import (
     User,
     WorkdirError,
 )
-from coppice_api.jails.runtime.base import ProcessNotFound as ProcessGone
-from coppice_envd.auth import basic_auth_user
-from coppice_envd.process import ProcessService, end_event
-from coppice_envd.process_table import Ended, Output, ProcessNotFound, ProcessTable
-from coppice_envd.routing import RequestScope, enter_request
-from coppice_envd.sandboxes import SandboxView
+from coppice_jails.runtime.base import ProcessNotFound as ProcessGone
 
 # --------------------------------------------------------------------------------------------
 # A stand-in jail: processes run on the host (as the test's user), with the jail's cwd mapped

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from coppice_api.jails import registry as registry_module
-from coppice_api.jails.registry import (
+from coppice_jails import registry as registry_module
+from coppice_jails.registry import (
     InvalidPageToken,
     Registry,
     SandboxQuery,

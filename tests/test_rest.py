@@ -17,10 +17,10 @@ from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 from manager_fixtures import Backends
 
-from coppice_api.jails.manager import SandboxManager
-from coppice_api.rest.app import build_app
-from coppice_api.rest.auth import load_api_keys, read_api_keys
-from coppice_api.rest.openapi import openapi_document
+from coppice_api.app import build_app
+from coppice_api.auth import load_api_keys, read_api_keys
+from coppice_api.openapi import openapi_document
+from coppice_jails.manager import SandboxManager
 
 KEY = "e2b_" + "ab" * 20
 DOMAIN = "coppice.lan"

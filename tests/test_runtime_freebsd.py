@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from coppice_api.jails.runtime.base import (
+from coppice_jails.runtime.base import (
     ExecError,
     ExecSpec,
     JailStats,
@@ -15,7 +15,7 @@ from coppice_api.jails.runtime.base import (
     ProcessNotFound,
     User,
 )
-from coppice_api.jails.runtime.freebsd import (
+from coppice_jails.runtime.freebsd import (
     FreeBSDRuntime,
     create_command,
     exec_command,

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from template_fixtures import built_template_root
 
-from coppice_api.jails.confined import ConfinedRoot
-from coppice_api.jails.runtime.base import (
+from coppice_jails.confined import ConfinedRoot
+from coppice_jails.runtime.base import (
     ExecError,
     ExecSpec,
     ExitStatus,
@@ -27,9 +27,9 @@ from coppice_api.jails.runtime.base import (
     User,
     WorkdirError,
 )
-from coppice_api.jails.runtime.cgroups import CgroupLayout
-from coppice_api.jails.runtime.linux import LinuxJail, LinuxRuntime
-from coppice_api.jails.users import lookup_user
+from coppice_jails.runtime.cgroups import CgroupLayout
+from coppice_jails.runtime.linux import LinuxJail, LinuxRuntime
+from coppice_jails.users import lookup_user
 
 REPO = Path(__file__).resolve().parent.parent
 ROOT_USER = User("root", 0, 0, "/root", (0,))
@@ -560,8 +560,8 @@ async def test_stop_leaves_nothing(runtime: LinuxRuntime, jail: LinuxJail, data_
 START_AND_EXIT = """
 import asyncio, sys
 from pathlib import Path
-from coppice_api.jails.runtime.base import Limits
-from coppice_api.jails.runtime.linux import LinuxRuntime
+from coppice_jails.runtime.base import Limits
+from coppice_jails.runtime.linux import LinuxRuntime
 
 async def main() -> None:
     jail = await LinuxRuntime(Path(sys.argv[1])).start(sys.argv[2], Path(sys.argv[3]), Limits())
@@ -611,8 +611,8 @@ async def test_destroy_leftover_of_a_jail_without_record(
 START_AND_HANG = """
 import asyncio, subprocess, sys, time
 from pathlib import Path
-from coppice_api.jails.runtime import linux
-from coppice_api.jails.runtime.base import Limits
+from coppice_jails.runtime import linux
+from coppice_jails.runtime.base import Limits
 
 stage = sys.argv[4]
 runtime = linux.LinuxRuntime(Path(sys.argv[1]))

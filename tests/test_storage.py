@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from zfs_fixtures import zfs_dataset  # noqa: F401
 
-from coppice_api.jails.storage.base import Storage, StorageError, run_command
-from coppice_api.jails.storage.overlay import OverlayStorage
-from coppice_api.jails.storage.zfs import ZfsStorage
+from coppice_jails.storage.base import Storage, StorageError, run_command
+from coppice_jails.storage.overlay import OverlayStorage
+from coppice_jails.storage.zfs import ZfsStorage
 
 
 def make_small_tree(root: Path) -> Path:

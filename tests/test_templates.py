@@ -26,10 +26,10 @@ from template_fixtures import (  # noqa: F401
 )
 from zfs_fixtures import zfs_dataset  # noqa: F401
 
-from coppice_api.jails import templates
-from coppice_api.jails.storage.overlay import OverlayStorage
-from coppice_api.jails.storage.zfs import ZfsStorage
-from coppice_api.jails.templates import (
+from coppice_jails import templates
+from coppice_jails.storage.overlay import OverlayStorage
+from coppice_jails.storage.zfs import ZfsStorage
+from coppice_jails.templates import (
     RECIPES,
     NpmRelease,
     TemplateError,

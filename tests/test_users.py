@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from coppice_api.jails.confined import ConfinedRoot
-from coppice_api.jails.runtime.base import User
-from coppice_api.jails.users import UnknownUser, lookup_user
+from coppice_jails.confined import ConfinedRoot
+from coppice_jails.runtime.base import User
+from coppice_jails.users import UnknownUser, lookup_user
 
 PASSWD = """\
 root:x:0:0:root:/root:/bin/bash

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from coppice_api.jails.storage.zfs import other_mount_namespace_pids
+from coppice_jails.storage.zfs import other_mount_namespace_pids
 
 ZFS_SOCKET = "/var/run/zfs/zfs_socket"
 POOL_FILE_SIZE = "4G"

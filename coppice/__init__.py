@@ -1,0 +1,1 @@
+"""Coppice: the composition root (the CLI, settings, and `serve`, which wires the planes)."""

@@ -1,0 +1,193 @@
+"""The composition root: picks the backends once and runs the API and the gateway together.
+
+`coppice serve` = template store + storage + runtime + registry → SandboxManager, then the REST
+API (aiohttp) and the envd gateway (hypercorn) on one event loop. This is the only module that
+knows every concrete backend; everything else depends on the small interfaces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from coppice_api.app import build_app, start_api
+from coppice_api.auth import load_api_keys
+from coppice_envd.app import Gateway, build_gateway, run_servers, serve_gateway
+from coppice_envd.interpreter.service import Interpreter
+from coppice_envd.process.service import ProcessService
+from coppice_envd.sandboxes import SandboxLookup, SandboxView
+from coppice_jails.manager import LiveSandbox, SandboxManager
+from coppice_jails.registry import Registry
+from coppice_jails.runtime.base import Runtime
+from coppice_jails.storage.base import Storage
+from coppice_jails.templates import (
+    TemplateStore,
+    template_build_command,
+    template_import_command,
+    template_list_command,
+)
+
+log = logging.getLogger("coppice")
+
+
+def pick_storage(kind: str, zfs_dataset: str | None, data_dir: Path) -> Storage:
+    """`auto` is zfs when a dataset is given, else overlay (the Linux default)."""
+    if kind == "zfs" or (kind == "auto" and zfs_dataset):
+        if not zfs_dataset:
+            raise SystemExit("coppice: --storage zfs needs --zfs-dataset POOL/coppice")
+        from coppice_jails.storage.zfs import ZfsStorage
+
+        return ZfsStorage(zfs_dataset)
+    from coppice_jails.storage.overlay import OverlayStorage
+
+    return OverlayStorage(data_dir / "overlay")
+
+
+def pick_runtime(data_dir: Path) -> Runtime:
+    if sys.platform.startswith("freebsd"):
+        from coppice_jails.runtime.freebsd import FreeBSDRuntime
+
+        return FreeBSDRuntime()
+    from coppice_jails.runtime.linux import LinuxRuntime
+
+    return LinuxRuntime(data_dir)
+
+
+def sandbox_view(live: LiveSandbox) -> SandboxView:
+    record = live.record
+    return SandboxView(
+        sandbox_id=record.id,
+        jail=live.jail,
+        access_token=record.access_token if record.secure else None,
+        default_user=live.template.user,
+        default_workdir=live.template.workdir,
+        env_vars={**live.template.env, **record.env_vars},
+    )
+
+
+class ManagerLookup(SandboxLookup):
+    """The gateway's view of the manager's running sandboxes."""
+
+    def __init__(self, manager: SandboxManager) -> None:
+        self._manager = manager
+
+    def get(self, sandbox_id: str) -> SandboxView | None:
+        live = self._manager.get_live(sandbox_id)
+        if live is None or live.record.state != "running":
+            return None
+        return sandbox_view(live)
+
+    def most_recent(self) -> SandboxView | None:
+        live = self._manager.most_recent_live()
+        return sandbox_view(live) if live is not None else None
+
+
+class GatewayObserver:
+    """Keeps the gateway's per-sandbox state in step with the manager: a new jail warms its
+    default python kernel; a sandbox being killed has its responses in flight cut first, then
+    its processes and kernels dropped."""
+
+    def __init__(
+        self, gateway: Gateway, processes: ProcessService, interpreter: Interpreter
+    ) -> None:
+        self._gateway = gateway
+        self._processes = processes
+        self._interpreter = interpreter
+
+    async def sandbox_started(self, live: LiveSandbox) -> None:
+        await self._interpreter.sandbox_started(sandbox_view(live))
+
+    async def sandbox_ending(self, sandbox_id: str) -> None:
+        self._gateway.sandbox_ending(sandbox_id)
+
+    async def sandbox_stopped(self, sandbox_id: str) -> None:
+        self._gateway.sandbox_stopped(sandbox_id)
+        await self._processes.forget(sandbox_id)
+        await self._interpreter.sandbox_stopped(sandbox_id)
+
+
+def _echo(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def run_template(args: argparse.Namespace) -> int:
+    async def main() -> None:
+        data_dir: Path = args.data_dir.absolute()
+        store = TemplateStore(data_dir, pick_storage(args.storage, args.zfs_dataset, data_dir))
+        if args.template_command == "build":
+            await template_build_command(store, args.name, _echo)
+        elif args.template_command == "import":
+            await template_import_command(store, args.name, args.tarball, _echo)
+        else:
+            await template_list_command(store, print)
+
+    asyncio.run(main())
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    with contextlib.suppress(KeyboardInterrupt):
+        run_servers(serve(args))
+    return 0
+
+
+async def serve(args: argparse.Namespace) -> None:
+    data_dir: Path = args.data_dir.absolute()
+    await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
+    storage = pick_storage(args.storage, args.zfs_dataset, data_dir)
+    templates = TemplateStore(data_dir, storage)
+    for name in filter(None, (n.strip() for n in args.templates.split(","))):
+        await templates.ensure(name, _echo)
+
+    registry = await Registry.open(data_dir)
+    manager = SandboxManager(registry, storage, pick_runtime(data_dir), templates)
+    interpreter = Interpreter()
+    processes = ProcessService()
+    gateway = build_gateway(ManagerLookup(manager), process=processes, interpreter=interpreter)
+    manager.add_observer(GatewayObserver(gateway, processes, interpreter))
+    for line in await manager.start():
+        log.info("reconcile: %s", line)
+
+    keys = await asyncio.to_thread(load_api_keys, data_dir)
+    api = await start_api(build_app(manager, keys.keys, args.domain), args.host, args.api_port)
+
+    stopping = asyncio.Event()
+
+    async def stop() -> None:
+        await stopping.wait()
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopping.set)
+
+    _print_ready(args, keys.keys[0], keys.created is not None, keys.source)
+    try:
+        await serve_gateway(gateway, args.gateway_ports, args.host, shutdown_trigger=stop)
+    finally:
+        with contextlib.suppress(Exception):
+            await interpreter.close()
+        await api.cleanup()
+        await manager.close()
+        await registry.close()
+
+
+def _print_ready(args: argparse.Namespace, key: str, created: bool, source: str) -> None:
+    from coppice.cli import client_env
+
+    address = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    env = client_env(key, address, args.api_port, args.gateway_ports[0], args.domain)
+    note = "a new API key was created" if created else "API key"
+    print(
+        f"\ncoppice is serving: API on :{args.api_port}, gateway on "
+        f"{', '.join(f':{p}' for p in args.gateway_ports)}\n"
+        f"{note} (stored in {source}): {key}\n"
+        "Point an E2B SDK here with:\n\n"
+        f"{env}\n",
+        flush=True,
+    )

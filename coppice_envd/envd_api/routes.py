@@ -1,0 +1,229 @@
+"""envd's plain-HTTP surface (envd-contract §3): request/response plumbing for raw ASGI, the
+route table, and the small routes (`/health`, `/envs`, `/metrics`, `/init`).
+
+Responses follow envd: errors are `{"code": <status>, "message": ...}` JSON, unknown paths get
+chi's `404 page not found`, a known path with another method gets 405.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs
+
+from coppice_envd.permissions.auth import token_matches
+from coppice_envd.routing import RequestScope
+
+ENVD_VERSION = "0.6.13"
+
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Scope = dict[str, Any]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its request body ended."""
+
+
+@dataclass
+class HTTPRequest:
+    """One envd HTTP request as the route handlers see it."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]  # lower-case names; the first value of repeated headers
+    receive: Receive
+    scope: RequestScope
+
+    @classmethod
+    def from_asgi(cls, scope: Scope, receive: Receive, request_scope: RequestScope) -> HTTPRequest:
+        headers: dict[str, str] = {}
+        for name, value in scope.get("headers", ()):
+            headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        return cls(
+            method=scope["method"],
+            path=scope["path"],
+            query=query,
+            headers=headers,
+            receive=receive,
+            scope=request_scope,
+        )
+
+    def param(self, name: str) -> str | None:
+        values = self.query.get(name)
+        return values[0] if values else None
+
+    async def body(self) -> AsyncIterator[bytes]:
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected
+            chunk = message.get("body", b"")
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                return
+
+    async def read_body(self, limit: int) -> bytes:
+        """The whole body, or ValueError when it is longer than `limit`."""
+        chunks = []
+        size = 0
+        async for chunk in self.body():
+            size += len(chunk)
+            if size > limit:
+                raise ValueError(f"request body larger than {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+Headers = Iterable[tuple[str, str]]
+
+
+async def send_response(send: Send, status: int, body: bytes = b"", headers: Headers = ()) -> None:
+    raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+    if body or status not in (204, 304):
+        raw.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def send_json(send: Send, status: int, value: Any, headers: Headers = ()) -> None:
+    body = json.dumps(value, separators=(",", ":")).encode() + b"\n"
+    await send_response(
+        send, status, body, [("content-type", "application/json; charset=utf-8"), *headers]
+    )
+
+
+async def send_error(send: Send, status: int, message: str) -> None:
+    """envd's error body: `{"code": <status>, "message": ...}`."""
+    await send_json(
+        send,
+        status,
+        {"code": status, "message": message},
+        [("x-content-type-options", "nosniff")],
+    )
+
+
+async def send_text(send: Send, status: int, text: str) -> None:
+    await send_response(
+        send,
+        status,
+        text.encode(),
+        [("content-type", "text/plain; charset=utf-8"), ("x-content-type-options", "nosniff")],
+    )
+
+
+async def send_not_found(send: Send) -> None:
+    await send_text(send, 404, "404 page not found\n")
+
+
+Handler = Callable[[HTTPRequest, Send], Awaitable[None]]
+
+
+@dataclass
+class Routes:
+    """Path → method → handler, answering 404/405 the way envd's chi router does."""
+
+    table: dict[str, dict[str, Handler]] = field(default_factory=dict)
+
+    def add(self, method: str, path: str, handler: Handler) -> None:
+        self.table.setdefault(path, {})[method] = handler
+
+    async def dispatch(self, request: HTTPRequest, send: Send) -> None:
+        methods = self.table.get(request.path)
+        if methods is None:
+            await send_not_found(send)
+            return
+        handler = methods.get(request.method)
+        if handler is None:
+            await send_response(send, 405, headers=[("allow", ", ".join(sorted(methods)))])
+            return
+        await handler(request, send)
+
+
+_NO_STORE = [("cache-control", "no-store")]
+
+
+async def health(request: HTTPRequest, send: Send) -> None:
+    await send_response(send, 204, headers=_NO_STORE)
+
+
+async def envs(request: HTTPRequest, send: Send) -> None:
+    await send_json(send, 200, request.scope.sandbox.global_env(), _NO_STORE)
+
+
+@dataclass
+class MetricsSampler:
+    """envd's `/metrics`: cpu since the previous call, memory, and disk of the sandbox root."""
+
+    _last_cpu: dict[str, tuple[float, int]] = field(default_factory=dict)
+
+    async def __call__(self, request: HTTPRequest, send: Send) -> None:
+        sandbox = request.scope.sandbox
+        try:
+            stats = await sandbox.jail.stats()
+            disk = await asyncio.to_thread(os.statvfs, sandbox.jail.root)
+        except (OSError, NotImplementedError):
+            await send_response(send, 500)
+            return
+        now = time.monotonic()
+        cpu_count = os.cpu_count() or 1
+        last = self._last_cpu.get(sandbox.sandbox_id)
+        self._last_cpu[sandbox.sandbox_id] = (now, stats.cpu_usage_usec)
+        cpu_pct = 0.0
+        if last is not None and now > last[0]:
+            used = (stats.cpu_usage_usec - last[1]) / 1e6
+            cpu_pct = round(100.0 * used / ((now - last[0]) * cpu_count), 2)
+        mem_total = stats.memory_limit_bytes or os.sysconf("SC_PAGE_SIZE") * os.sysconf(
+            "SC_PHYS_PAGES"
+        )
+        disk_total = disk.f_blocks * disk.f_frsize
+        body = {
+            "ts": int(time.time()),
+            "cpu_count": cpu_count,
+            "cpu_used_pct": cpu_pct,
+            "mem_total_mib": mem_total // (1024 * 1024),
+            "mem_used_mib": stats.memory_bytes // (1024 * 1024),
+            "mem_total": mem_total,
+            "mem_used": stats.memory_bytes,
+            "mem_cache": 0,
+            "disk_used": disk_total - disk.f_bavail * disk.f_frsize,
+            "disk_total": disk_total,
+        }
+        await send_json(send, 200, body, _NO_STORE)
+
+
+_INIT_BODY_LIMIT = 1024 * 1024
+
+
+async def init(request: HTTPRequest, send: Send) -> None:
+    """The orchestrator's `/init`. Coppice's registry already gives the gateway each sandbox's
+    token, env vars, default user and workdir, so a valid call is acknowledged, not applied."""
+    version = [("x-envd-version", ENVD_VERSION)]
+    try:
+        body: Mapping[str, Any] = json.loads(await request.read_body(_INIT_BODY_LIMIT) or b"{}")
+        if not isinstance(body, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError):
+        await send_response(send, 400, headers=version)
+        return
+    token = request.scope.sandbox.access_token
+    given = body.get("accessToken")
+    if token is not None and not token_matches(token, given if isinstance(given, str) else None):
+        await send_response(
+            send,
+            401,
+            b"access token validation failed",
+            [*version, ("content-type", "text/plain; charset=utf-8")],
+        )
+        return
+    await send_response(send, 204, headers=[*version, *_NO_STORE])
