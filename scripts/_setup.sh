@@ -35,7 +35,7 @@ setup_system() {
         nsenter util-linux  ip iproute2  cc gcc  /usr/include/stdio.h libc6-dev \
         mount mount  tar tar  gzip gzip  /etc/ssl/certs/ca-certificates.crt ca-certificates
     if [ "${1:-}" = dev ]; then
-        apt_install node nodejs  npm npm  dnsmasq dnsmasq-base  git git
+        apt_install node nodejs  npm npm  dnsmasq dnsmasq-base  git git  strace strace
     fi
 }
 

@@ -37,6 +37,7 @@ from coppice_jails.runtime.base import (
     ProcessNotFound,
     User,
 )
+from coppice_jails.runtime.pipes import FdReader
 
 log = logging.getLogger(__name__)
 
@@ -213,40 +214,29 @@ def _remove_in_sandbox(jail: Jail, path: str) -> None:
 
 
 class _OutputTail:
-    """Drains one of the kernel's pipes, keeping its last bytes for error messages."""
+    """Drains one of the kernel's pipes, keeping its last bytes for error messages; owns the fd."""
 
     def __init__(self, fd: int) -> None:
         self.data = b""
-        self._stopped = False
-        self._transport: asyncio.ReadTransport | None = None
-        self._task = asyncio.create_task(self._drain(fd))
+        self._fd = fd
+        self._ended = asyncio.Event()
+        self._reader = FdReader(fd, 65536, self._keep, self.cancel)
 
-    async def _drain(self, fd: int) -> None:
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        pipe = os.fdopen(fd, "rb", buffering=0)
-        # Never cancelled: uvloop closes the pipe's fd twice when connect_read_pipe is cancelled
-        # midway (the second close hits whatever file got that number meanwhile). `cancel`
-        # closes the transport instead, which ends the read loop.
-        transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), pipe
-        )
-        self._transport = transport
-        try:
-            while not self._stopped and (chunk := await reader.read(65536)):
-                self.data = (self.data + chunk)[-_OUTPUT_TAIL:]
-        finally:
-            transport.close()
+    def _keep(self, chunk: bytes) -> None:
+        self.data = (self.data + chunk)[-_OUTPUT_TAIL:]
 
     async def finished(self) -> str:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.shield(self._task), 1.0)
+        """What was read, once the pipe is at EOF (or after a second at most)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ended.wait(), 1.0)
         return self.data.decode("utf-8", "replace").strip()
 
     def cancel(self) -> None:
-        self._stopped = True
-        if self._transport is not None:
-            self._transport.close()
+        """Stop reading and close the fd (at EOF, or when the kernel is dropped)."""
+        if not self._ended.is_set():
+            self._reader.pause()
+            os.close(self._fd)
+            self._ended.set()
 
 
 class KernelRun:

@@ -33,6 +33,7 @@ from coppice_jails.runtime.base import (
     WorkdirError,
 )
 from coppice_jails.runtime.base import ProcessNotFound as ProcessGone
+from coppice_jails.runtime.pipes import FdReader, FdWriter, WriterClosed
 
 logger = logging.getLogger(__name__)
 
@@ -104,10 +105,6 @@ class SignalFailed(ProcessError):
     pass
 
 
-class _WriterClosed(Exception):
-    pass
-
-
 def _not_found(selector: Selector) -> ProcessNotFound:
     if isinstance(selector, int):
         return ProcessNotFound(f"process with pid {selector} not found")
@@ -170,107 +167,6 @@ class Subscription:
                 self._on_close(self)
 
 
-class _FdReader:
-    """Reads a non-blocking fd on the event loop until EOF (or EIO, a pty's EOF)."""
-
-    def __init__(
-        self,
-        fd: int,
-        chunk: int,
-        on_data: Callable[[bytes], None],
-        on_eof: Callable[[], None],
-    ) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._fd = fd
-        self._chunk = chunk
-        self._on_data = on_data
-        self._on_eof = on_eof
-        self.done = False
-        self._reading = False
-        os.set_blocking(fd, False)
-        self.resume()
-
-    def pause(self) -> None:
-        if self._reading:
-            self._loop.remove_reader(self._fd)
-            self._reading = False
-
-    def resume(self) -> None:
-        if not self._reading and not self.done:
-            self._loop.add_reader(self._fd, self._ready)
-            self._reading = True
-
-    def _ready(self) -> None:
-        try:
-            data = os.read(self._fd, self._chunk)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            if exc.errno != errno.EIO:
-                logger.warning("reading process output failed: %s", exc)
-            data = b""
-        if data:
-            self._on_data(data)
-            return
-        self.pause()
-        self.done = True
-        self._on_eof()
-
-
-class _FdWriter:
-    """Writes to a non-blocking fd without blocking the loop; writes are serialised."""
-
-    def __init__(self, fd: int) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._fd: int | None = fd
-        self._lock = asyncio.Lock()
-        self._waiter: asyncio.Future[None] | None = None
-        os.set_blocking(fd, False)
-
-    @property
-    def closed(self) -> bool:
-        return self._fd is None
-
-    async def write(self, data: bytes) -> None:
-        async with self._lock:
-            view = memoryview(data)
-            while view:
-                fd = self._fd
-                if fd is None:
-                    raise _WriterClosed
-                try:
-                    written = os.write(fd, view)
-                except (BlockingIOError, InterruptedError):
-                    await self._writable(fd)
-                    continue
-                view = view[written:]
-
-    async def _writable(self, fd: int) -> None:
-        waiter = self._loop.create_future()
-        self._waiter = waiter
-
-        def ready() -> None:
-            if not waiter.done():
-                waiter.set_result(None)
-
-        self._loop.add_writer(fd, ready)
-        try:
-            await waiter
-        finally:
-            self._waiter = None
-            if self._fd is not None:
-                self._loop.remove_writer(fd)
-
-    def shutdown(self) -> None:
-        """Fail pending and future writes; the fd itself is closed by its owner."""
-        if self._fd is None:
-            return
-        self._loop.remove_writer(self._fd)
-        self._fd = None
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_exception(_WriterClosed())
-
-
 C = TypeVar("C")  # what the caller keeps with each process (envd: the ProcessConfig as sent)
 
 
@@ -298,17 +194,17 @@ class ManagedProcess(Generic[C]):
         self._deadline: asyncio.TimerHandle | None = None
         # A pty master is read, written and resized: it is closed once it is read to EOF and the
         # process has ended. Pipe ends are closed as soon as they are done with.
-        self._pty: _FdWriter | None = None
-        self._stdin: _FdWriter | None = None
-        self._readers: list[_FdReader] = []
+        self._pty: FdWriter | None = None
+        self._stdin: FdWriter | None = None
+        self._readers: list[FdReader] = []
         if proc.pty_fd is not None:
-            self._pty = _FdWriter(proc.pty_fd)
+            self._pty = FdWriter(proc.pty_fd)
             self._readers.append(
-                _FdReader(proc.pty_fd, PTY_CHUNK_BYTES, self._emitter("pty"), self._pty_read)
+                FdReader(proc.pty_fd, PTY_CHUNK_BYTES, self._emitter("pty"), self._pty_read)
             )
         if proc.stdin_fd is not None:
             if stdin and self._pty is None:
-                self._stdin = _FdWriter(proc.stdin_fd)
+                self._stdin = FdWriter(proc.stdin_fd)
             else:
                 os.close(proc.stdin_fd)  # the child reads EOF, as from /dev/null
         pipes: tuple[tuple[int | None, OutputKind], ...] = (
@@ -318,7 +214,7 @@ class ManagedProcess(Generic[C]):
         for fd, kind in pipes:
             if fd is not None:
                 self._readers.append(
-                    _FdReader(fd, PIPE_CHUNK_BYTES, self._emitter(kind), self._pipe_read(fd))
+                    FdReader(fd, PIPE_CHUNK_BYTES, self._emitter(kind), self._pipe_read(fd))
                 )
         if not self._readers:
             self._output_done.set()
@@ -402,7 +298,7 @@ class ManagedProcess(Generic[C]):
             raise InputFailed("error writing to stdin: stdin not enabled or closed")
         try:
             await self._stdin.write(data)
-        except _WriterClosed:
+        except WriterClosed:
             raise InputFailed("error writing to stdin: stdin not enabled or closed") from None
         except OSError as exc:
             raise InputFailed(f"error writing to stdin: {exc.strerror or exc}") from exc
@@ -415,7 +311,7 @@ class ManagedProcess(Generic[C]):
             )
         try:
             await self._pty.write(data)
-        except _WriterClosed:
+        except WriterClosed:
             raise InputFailed("error writing to tty: tty closed") from None
         except OSError as exc:
             raise InputFailed(f"error writing to tty: {exc.strerror or exc}") from exc
