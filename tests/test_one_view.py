@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 from e2b import FileType, Sandbox
+from e2b.exceptions import SandboxException
 from stack_fixtures import Stack, coppice_stack  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -49,6 +50,15 @@ def test_proc_is_the_sandbox_s_own(sbx: Sandbox) -> None:
     seen_by_ps = set(sbx.commands.run("ls /proc").stdout.split())
     host_only = {name for name in listed - seen_by_ps if name.isdigit()}
     assert not host_only  # no process of the host (the listing may miss ls's own pid)
+
+
+def test_a_pseudo_file_that_fails_to_read_is_a_clear_error(sbx: Sandbox) -> None:
+    # /proc/1/mem has size 0 and fails with EIO at offset 0: the download must say so, and
+    # must not close its file twice (a second close hits whatever file got the number meanwhile).
+    with pytest.raises(SandboxException, match="error reading file '/proc/1/mem'"):
+        sbx.files.read("/proc/1/mem")
+    assert sbx.files.read("/proc/sys/kernel/random/boot_id")
+    assert sbx.commands.run("true").exit_code == 0
 
 
 def test_dev_is_the_sandbox_s_own(sbx: Sandbox) -> None:

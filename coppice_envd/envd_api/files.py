@@ -202,17 +202,23 @@ def _open_for_download(files: FileRequest, path: str) -> _Download:
             raise HTTPFailure(400, f"path '{path}' is not a regular file")
         if st.st_size == 0:
             # Pseudo-files (/proc, /sys) say size 0 whatever they hold: serve what reading gives.
-            fd = _read_into_memfd(fd)
+            fd, pseudo = -1, fd
+            try:
+                fd = _read_into_memfd(pseudo)  # closes `pseudo`, even when it raises
+            except OSError as e:  # e.g. EIO from /proc/<pid>/mem
+                raise HTTPFailure(500, f"error reading file '{path}': {e.strerror}") from e
         size = os.fstat(fd).st_size
         return _Download(fd, size, st.st_mtime, os.pread(fd, 512, 0))
     except BaseException:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
         raise
 
 
 def _read_into_memfd(fd: int) -> int:
     """A memfd holding what reading `fd` to its end gives (at most PSEUDO_FILE_LIMIT bytes);
     `fd` is closed."""
+    copy = -1
     try:
         copy = os.memfd_create("download", os.MFD_CLOEXEC)
         total = 0
@@ -226,6 +232,10 @@ def _read_into_memfd(fd: int) -> int:
             os.write(copy, data)
             total += len(data)
         return copy
+    except BaseException:
+        if copy >= 0:
+            os.close(copy)
+        raise
     finally:
         os.close(fd)
 
