@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import aiohttp  # noqa: E402
 from aiohttp import web  # noqa: E402
 from benchlib import percentile  # noqa: E402
-from manager_fixtures import Backends, install_dev_rootfs_template  # noqa: E402
+from fixtures.backends import Backends, install_dev_rootfs_template  # noqa: E402
 
 from coppice_api.app import bound_port, build_app, start_api  # noqa: E402
 from coppice_envd.app import run_servers  # noqa: E402

@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import httpx  # noqa: E402
 import pyqwest  # noqa: E402
 from benchlib import percentile  # noqa: E402
-from gateway_fixtures import StaticLookup, make_sandbox  # noqa: E402
+from fixtures.gateway import StaticLookup, make_sandbox  # noqa: E402
 
 from coppice_envd.app import build_gateway, run_servers, serve_gateway  # noqa: E402
 from coppice_envd.envd_api.routes import Receive, Scope, Send, send_json  # noqa: E402

@@ -220,7 +220,7 @@ async def main() -> None:
     template_root = args.template_root
     if template_root is None:
         sys.path.insert(0, str(REPO / "tests"))
-        from template_fixtures import built_template_root  # type: ignore[import-not-found]
+        from fixtures.templates import built_template_root  # type: ignore[import-not-found]
 
         template_root = await asyncio.to_thread(built_template_root, "code-interpreter-v1")
 

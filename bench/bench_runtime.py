@@ -71,7 +71,7 @@ async def main() -> None:
     args = parser.parse_args()
     if args.rootfs is None:
         sys.path.insert(0, TESTS_DIR)
-        from template_fixtures import built_template_root
+        from fixtures.templates import built_template_root
 
         args.rootfs = await asyncio.to_thread(built_template_root, "base")
     work = Path(tempfile.mkdtemp(prefix="coppice-bench-"))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from zfs_fixtures import zfs_test_pool
+from fixtures.zfs import zfs_test_pool
 
 from coppice_jails.storage.base import Storage, run_command
 from coppice_jails.storage.overlay import OverlayStorage
