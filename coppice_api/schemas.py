@@ -19,7 +19,7 @@ from coppice_jails.manager import (
     CreateSpec,
     template_aliases,
 )
-from coppice_jails.metrics import Metrics
+from coppice_jails.manager.metrics import Metrics
 from coppice_jails.registry import (
     EventRecord,
     Order,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from coppice_jails.metrics import Capacity, MetricsSeries
+from coppice_jails.manager.metrics import Capacity, MetricsSeries
 from coppice_jails.runtime.base import JailStats
 
 CAPACITY = Capacity(cpu_count=2, mem_total=512 << 20, disk_total=10 << 30)
