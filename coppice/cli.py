@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 DEFAULT_DATA_DIR = Path(os.environ.get("COPPICE_DATA_DIR", "/var/lib/coppice"))
 DEFAULT_API_PORT = 3000
@@ -98,90 +93,24 @@ def _ports(text: str) -> tuple[int, ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Imported when chosen: `serve` and `template` load the whole service.
     if args.command == "serve":
-        from coppice.serve import run_serve
+        from coppice.commands.serve import run_serve
 
         return run_serve(args)
     if args.command == "template":
-        from coppice.serve import run_template
+        from coppice.commands.template import run_template
 
         return run_template(args)
     if args.command == "sandbox":
-        return _sandbox_command(args)
+        from coppice.commands.sandbox import run_sandbox
+
+        return run_sandbox(args)
     if args.command == "env":
-        key = configured_api_key(args.data_dir)
-        print(client_env(key, args.address, args.api_port, args.gateway_port, args.domain))
-        return 0
+        from coppice.commands.env import run_env
+
+        return run_env(args)
     raise AssertionError(args.command)
-
-
-def configured_api_key(data_dir: Path) -> str | None:
-    """The first configured API key, if any (creates none)."""
-    from coppice_api.auth import read_api_keys
-
-    return next(iter(read_api_keys(data_dir)), None)
-
-
-def client_env(key: str | None, address: str, api_port: int, gateway_port: int, domain: str) -> str:
-    """Shell `export` lines that point an unmodified E2B SDK at this Coppice."""
-    key = key or "<no key yet: run coppice serve once>"
-    return "\n".join(
-        [
-            f"export E2B_API_KEY={key}",
-            f"export E2B_API_URL=http://{address}:{api_port}",
-            # One origin for every sandbox; the gateway routes on E2b-Sandbox-Id/-Port.
-            f"export E2B_SANDBOX_URL=http://{address}:{gateway_port}",
-            f"export E2B_DOMAIN={domain}",
-        ]
-    )
-
-
-def _sandbox_command(args: argparse.Namespace) -> int:
-    api_url = (args.api_url or os.environ.get("E2B_API_URL") or "http://127.0.0.1:3000").rstrip("/")
-    key = os.environ.get("E2B_API_KEY") or configured_api_key(args.data_dir) or ""
-    if args.sandbox_command == "list":
-        status, body = _api_call("GET", f"{api_url}/v2/sandboxes", key)
-        if status == 200:
-            _print_sandbox_table(body)
-            return 0
-    elif args.sandbox_command == "info":
-        status, body = _api_call("GET", f"{api_url}/sandboxes/{args.sandbox_id}", key)
-        if status == 200:
-            print(json.dumps(body, indent=2))
-            return 0
-    else:
-        status, body = _api_call("DELETE", f"{api_url}/sandboxes/{args.sandbox_id}", key)
-        if status == 204:
-            print(f"killed {args.sandbox_id}")
-            return 0
-    message = body.get("message") if isinstance(body, dict) else body
-    print(f"error {status}: {message}", file=sys.stderr)
-    return 1
-
-
-def _print_sandbox_table(sandboxes: list[dict[str, Any]]) -> None:
-    print(f"{'SANDBOX ID':<24} {'TEMPLATE':<22} {'STATE':<8} {'STARTED':<26} END")
-    for s in sandboxes:
-        print(
-            f"{s['sandboxID']:<24} {s['templateID']:<22} {s['state']:<8} "
-            f"{s['startedAt']:<26} {s['endAt']}"
-        )
-
-
-def _api_call(method: str, url: str, key: str) -> tuple[int, Any]:
-    request = urllib.request.Request(url, method=method, headers={"X-API-Key": key})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            raw = response.read()
-            return response.status, json.loads(raw) if raw else None
-    except urllib.error.HTTPError as error:
-        raw = error.read()
-        try:
-            return error.code, json.loads(raw)
-        except ValueError:
-            return error.code, raw.decode(errors="replace")
-    except urllib.error.URLError as error:
-        return 0, f"cannot reach {url}: {error.reason}"
 
 
 if __name__ == "__main__":

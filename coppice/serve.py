@@ -13,11 +13,12 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from coppice_api.app import build_app, start_api
-from coppice_api.auth import load_api_keys
-from coppice_envd.app import Gateway, build_gateway, run_servers, serve_gateway
+from coppice_api.auth import ApiKeys, load_api_keys
+from coppice_envd.app import Gateway, build_gateway, serve_gateway
 from coppice_envd.interpreter.service import Interpreter
 from coppice_envd.process.service import ProcessService
 from coppice_envd.sandboxes import SandboxLookup, SandboxView
@@ -25,12 +26,7 @@ from coppice_jails.manager import LiveSandbox, SandboxManager
 from coppice_jails.registry import Registry
 from coppice_jails.runtime.base import Runtime
 from coppice_jails.storage.base import Storage
-from coppice_jails.templates import (
-    TemplateStore,
-    template_build_command,
-    template_import_command,
-    template_list_command,
-)
+from coppice_jails.templates import Progress, TemplateStore
 
 log = logging.getLogger("coppice")
 
@@ -111,39 +107,17 @@ class GatewayObserver:
         await self._interpreter.sandbox_stopped(sandbox_id)
 
 
-def _echo(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
-def run_template(args: argparse.Namespace) -> int:
-    async def main() -> None:
-        data_dir: Path = args.data_dir.absolute()
-        store = TemplateStore(data_dir, pick_storage(args.storage, args.zfs_dataset, data_dir))
-        if args.template_command == "build":
-            await template_build_command(store, args.name, _echo)
-        elif args.template_command == "import":
-            await template_import_command(store, args.name, args.tarball, _echo)
-        else:
-            await template_list_command(store, print)
-
-    asyncio.run(main())
-    return 0
-
-
-def run_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    with contextlib.suppress(KeyboardInterrupt):
-        run_servers(serve(args))
-    return 0
-
-
-async def serve(args: argparse.Namespace) -> None:
+async def serve(
+    args: argparse.Namespace, progress: Progress, ready: Callable[[ApiKeys], None]
+) -> None:
+    """Serve until SIGINT or SIGTERM; `progress` gets template build lines, `ready` is called
+    once the API is up and the gateway is about to listen."""
     data_dir: Path = args.data_dir.absolute()
     await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
     storage = pick_storage(args.storage, args.zfs_dataset, data_dir)
     templates = TemplateStore(data_dir, storage)
     for name in filter(None, (n.strip() for n in args.templates.split(","))):
-        await templates.ensure(name, _echo)
+        await templates.ensure(name, progress)
 
     registry = await Registry.open(data_dir)
     manager = SandboxManager(registry, storage, pick_runtime(data_dir), templates)
@@ -166,7 +140,7 @@ async def serve(args: argparse.Namespace) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stopping.set)
 
-    _print_ready(args, keys.keys[0], keys.created is not None, keys.source)
+    ready(keys)
     try:
         await serve_gateway(gateway, args.gateway_ports, args.host, shutdown_trigger=stop)
     finally:
@@ -175,19 +149,3 @@ async def serve(args: argparse.Namespace) -> None:
         await api.cleanup()
         await manager.close()
         await registry.close()
-
-
-def _print_ready(args: argparse.Namespace, key: str, created: bool, source: str) -> None:
-    from coppice.cli import client_env
-
-    address = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    env = client_env(key, address, args.api_port, args.gateway_ports[0], args.domain)
-    note = "a new API key was created" if created else "API key"
-    print(
-        f"\ncoppice is serving: API on :{args.api_port}, gateway on "
-        f"{', '.join(f':{p}' for p in args.gateway_ports)}\n"
-        f"{note} (stored in {source}): {key}\n"
-        "Point an E2B SDK here with:\n\n"
-        f"{env}\n",
-        flush=True,
-    )

@@ -26,6 +26,7 @@ from fixtures.templates import (  # noqa: F401
 )
 from fixtures.zfs import zfs_dataset  # noqa: F401
 
+from coppice.commands.template import format_template_table
 from coppice_jails import templates
 from coppice_jails.storage.overlay import OverlayStorage
 from coppice_jails.storage.zfs import ZfsStorage
@@ -35,8 +36,9 @@ from coppice_jails.templates import (
     TemplateError,
     TemplateStore,
     UnknownTemplate,
-    format_template_table,
+    builder,
 )
+from coppice_jails.templates.builder import TemplateBuilder
 
 PASSWD = "root:x:0:0:root:/root:/bin/bash\nuser:x:1000:1000::/home/user:/bin/bash\n"
 
@@ -268,7 +270,7 @@ async def test_interrupted_build_leaves_nothing(
     store: TemplateStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """debootstrap dies half-way through writing the tree: no template, no work dir."""
-    real_stream = templates._stream
+    real_stream = builder.run_logged
 
     async def dying_debootstrap(argv: Sequence[str], say: templates.Progress) -> None:
         if "debootstrap" not in argv:
@@ -279,7 +281,7 @@ async def test_interrupted_build_leaves_nothing(
         await asyncio.to_thread((target / "etc" / "half-written").write_text, "x")
         raise TemplateError("debootstrap was killed")
 
-    monkeypatch.setattr(templates, "_stream", dying_debootstrap)
+    monkeypatch.setattr(builder, "run_logged", dying_debootstrap)
     with pytest.raises(TemplateError, match="killed"):
         await store.build("base")
     assert await leftovers(store) == []
@@ -387,10 +389,7 @@ async def test_npm_is_downloaded_pinned_then_installed_from_the_cache(tmp_path: 
 
     async def install(url: str, pin: NpmRelease, rootfs: Path) -> None:
         await asyncio.to_thread((rootfs / "usr" / "local" / "bin").mkdir, parents=True)
-        store = TemplateStore(
-            tmp_path / "data", OverlayStorage(tmp_path / "overlay"), cache, npm_registry=url
-        )
-        await store._install_npm("t", pin, rootfs, lines.append)
+        await TemplateBuilder(cache, npm_registry=url).install_npm("t", pin, rootfs, lines.append)
 
     with _serving(registry) as url:
         wrong = NpmRelease(release.version, "sha512-" + base64.b64encode(b"x" * 64).decode())
@@ -452,7 +451,7 @@ def test_base_login_profile_needs_no_id(tmp_path: Path, uid: int, path: str) -> 
     (tmp_path / "etc" / "profile").write_text(DEBIAN_PROFILE_HEAD)
     assert "id: command not found" in _login_path(DEBIAN_PROFILE_HEAD, uid).stderr
 
-    templates._configure_base(tmp_path)
+    builder._configure_base(tmp_path)
 
     login = _login_path((tmp_path / "etc" / "profile").read_text(), uid)
     assert (login.stdout.strip(), login.stderr) == (path, "")

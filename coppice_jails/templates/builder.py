@@ -1,0 +1,308 @@
+"""Building a template's tree from a recipe: debootstrap minbase (or a copy of the parent),
+Debian packages with apt, npm from the registry, the default user. Blocking steps run in
+threads; commands run in private mount namespaces, so nothing they mount outlives them."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import stat
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from coppice_jails.templates.model import DEFAULT_USER, Progress, TemplateError
+from coppice_jails.templates.run import run_logged
+from coppice_jails.templates.tarball import check_tar_members
+
+DEFAULT_UID = 1000
+SUITE = "bookworm"
+FALLBACK_MIRROR = "http://deb.debian.org/debian"
+NPM_REGISTRY = "https://registry.npmjs.org"
+DEBIAN_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
+# Bump when the build steps (not the package lists) change, to invalidate cached builds.
+BUILDER_VERSION = 3
+
+
+@dataclass(frozen=True)
+class NpmRelease:
+    """One npm release from the registry, pinned by its `dist.integrity` (sha512)."""
+
+    version: str
+    integrity: str  # "sha512-<base64>", as `npm view npm@VERSION dist.integrity` prints it
+
+    @property
+    def tarball(self) -> str:
+        return f"npm-{self.version}.tgz"
+
+    def url(self, registry: str) -> str:
+        return f"{registry.rstrip('/')}/npm/-/{self.tarball}"
+
+    def matches(self, data: bytes) -> bool:
+        algorithm, _, expected = self.integrity.partition("-")
+        return algorithm == "sha512" and base64.b64encode(hashlib.sha512(data).digest()) == (
+            expected.encode()
+        )
+
+
+# Debian's own npm package pulls in 350 node-* packages (webpack, babel, eslint, ...: +175 MiB
+# and twice the build time); npm from the registry is one self-contained tarball (19 MiB).
+# 10.x is the newest line that runs on bookworm's Node 18.
+NPM = NpmRelease(
+    "10.9.9",
+    "sha512-1g+6jLQvaIuB4zwvHL7yrXuXcWZwDsCtBX8bbWDqbvJSSr9nPiDDWTHNgwXR27iIcTTW7v3A57hDW9RYv2W4Yg==",
+)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to build a template: debootstrap minbase (parent None) or a copy of a parent, then
+    Debian packages (apt, no recommends) and, optionally, npm from the registry."""
+
+    name: str
+    parent: str | None
+    packages: tuple[str, ...]
+    npm: NpmRelease | None = None
+
+    def digest(self) -> str:
+        """Changes whenever what the builder would produce changes (parents included)."""
+        parent = RECIPES[self.parent].digest() if self.parent else None
+        npm = [self.npm.version, self.npm.integrity] if self.npm else None
+        spec = [BUILDER_VERSION, SUITE, self.name, parent, sorted(self.packages), npm]
+        return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
+
+
+RECIPES: Mapping[str, Recipe] = {
+    # What a user of E2B's `base` counts on (its image is python:3.11 plus Node and npm), from
+    # Debian: bookworm's python 3.11 and Node 18 (E2B: 3.11, 20). Left out: build-essential
+    # (+262 MB), gh (+40 MB), yarn: `sudo apt-get install build-essential gh`, `npm i -g yarn`.
+    "base": Recipe(
+        "base",
+        None,
+        (
+            "bash", "coreutils", "procps", "sudo", "ca-certificates", "netbase",
+            "python3", "python-is-python3", "python3-pip", "python3-venv",
+            "nodejs",
+            "curl", "wget", "git", "openssh-client",
+            "unzip", "xz-utils", "bzip2", "file", "patch", "make",
+            # Resolves the jail's own hostname (the sandbox id) so sudo & co. stay quiet.
+            "libnss-myhostname",
+        ),
+        npm=NPM,
+    ),
+    "code-interpreter-v1": Recipe(
+        "code-interpreter-v1",
+        "base",
+        (
+            "python3-ipykernel", "python3-numpy", "python3-pandas", "python3-matplotlib",
+            # Satisfies python3-fonttools' "scipy | munkres": without it apt picks scipy,
+            # which drags in pythran, gcc and python3-dev (several hundred MB).
+            "python3-munkres",
+        ),
+    ),
+}  # fmt: skip
+
+
+def debian_mirror(sources: Path = DEBIAN_SOURCES) -> str:
+    """The first `URIs:` of the machine's deb822 Debian sources, else deb.debian.org."""
+    try:
+        for line in sources.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "URIs" and value.split():
+                return value.split()[0]
+    except OSError:
+        pass
+    return FALLBACK_MIRROR
+
+
+class TemplateBuilder:
+    """Makes template trees; downloads (debootstrap's, apt's, npm's) are cached in `cache_dir`."""
+
+    def __init__(
+        self, cache_dir: Path, mirror: str | None = None, npm_registry: str = NPM_REGISTRY
+    ) -> None:
+        self._cache_dir = cache_dir
+        self._mirror = mirror
+        self._npm_registry = npm_registry
+
+    async def build_tree(
+        self, recipe: Recipe, rootfs: Path, parent_root: Path | None, say: Progress
+    ) -> None:
+        """The recipe's tree at `rootfs`: from scratch, or from `parent_root` (its parent's)."""
+        if parent_root is None:
+            await self._debootstrap(recipe, rootfs, say)
+        else:
+            say(f"[{recipe.name}] copying {recipe.parent}")
+            await run_logged(
+                ["cp", "-a", "-x", "--reflink=auto", "--", str(parent_root), str(rootfs)], say
+            )
+        await self._apt_install(recipe, rootfs, say)
+        if recipe.npm is not None:
+            await self.install_npm(recipe.name, recipe.npm, rootfs, say)
+        if parent_root is None:
+            await self._add_default_user(recipe, rootfs, say)
+        await asyncio.to_thread(_tidy_apt, rootfs)
+
+    async def _debootstrap(self, recipe: Recipe, rootfs: Path, say: Progress) -> None:
+        mirror = self._mirror if self._mirror else await asyncio.to_thread(debian_mirror)
+        cache = self._cache_dir / "debootstrap"
+        await asyncio.to_thread(cache.mkdir, parents=True, exist_ok=True)
+        say(f"[{recipe.name}] debootstrap {SUITE} from {mirror}")
+        # In a private mount namespace, the /proc, /sys, /dev mounts debootstrap makes inside
+        # the tree die with it, even when it is killed half-way. The packages come afterwards
+        # from apt: debootstrap's own resolver knows no virtual packages.
+        await run_logged(
+            [
+                "unshare", "-m", "--propagation", "private",
+                "debootstrap", "--variant=minbase", f"--cache-dir={cache}",
+                SUITE, str(rootfs), mirror,
+            ],
+            say,
+        )  # fmt: skip
+
+    async def _add_default_user(self, recipe: Recipe, rootfs: Path, say: Progress) -> None:
+        say(f"[{recipe.name}] adding user {DEFAULT_USER} (uid {DEFAULT_UID})")
+        uid = str(DEFAULT_UID)
+        await run_logged(["chroot", str(rootfs), "groupadd", "-g", uid, DEFAULT_USER], say)
+        await run_logged(
+            [
+                "chroot", str(rootfs), "useradd", "-m", "-u", uid, "-g", uid,
+                "-G", "sudo", "-s", "/bin/bash", DEFAULT_USER,
+            ],
+            say,
+        )  # fmt: skip
+        # As E2B: no password (rather than a locked one) for root and the user.
+        for account in ("root", DEFAULT_USER):
+            await run_logged(["chroot", str(rootfs), "passwd", "-d", account], say)
+        await asyncio.to_thread(_configure_base, rootfs)
+
+    async def _apt_install(self, recipe: Recipe, rootfs: Path, say: Progress) -> None:
+        archives = self._cache_dir / "apt-archives"
+        await asyncio.to_thread((archives / "partial").mkdir, parents=True, exist_ok=True)
+        say(f"[{recipe.name}] apt-get install {' '.join(recipe.packages)}")
+        await run_logged(
+            [
+                "unshare", "-m", "--propagation", "private",
+                "sh", "-euc", _APT_INSTALL_SCRIPT, "sh", str(rootfs), str(archives),
+                *recipe.packages,
+            ],
+            say,
+        )  # fmt: skip
+
+    async def install_npm(
+        self, name: str, release: NpmRelease, rootfs: Path, say: Progress
+    ) -> None:
+        """npm (and npx) in /usr/local, as a global `npm install -g npm` would put them."""
+        cache = self._cache_dir / "npm"
+        url = release.url(self._npm_registry)
+        say(f"[{name}] npm {release.version} from {url}")
+        tarball = await asyncio.to_thread(_fetch_npm, release, url, cache, say)
+        await asyncio.to_thread(check_tar_members, tarball)
+        target = rootfs / "usr" / "local" / "lib" / "node_modules" / "npm"
+        await asyncio.to_thread(target.mkdir, parents=True, exist_ok=True)
+        await run_logged(
+            [
+                "tar", "-x", "-z", "--no-same-owner", "--strip-components=1",
+                "-f", str(tarball), "-C", str(target), "package/",
+            ],
+            say,
+        )  # fmt: skip
+        await asyncio.to_thread(_link_npm, rootfs)
+
+
+# Runs as `sh -euc SCRIPT sh ROOTFS ARCHIVES PACKAGE...` inside `unshare -m --propagation
+# private`, so its mounts vanish with it; policy-rc.d stops packages from starting services.
+_APT_INSTALL_SCRIPT = r"""
+root=$1; archives=$2; shift 2
+mount -t proc proc "$root/proc"
+mount --bind /dev "$root/dev"
+mount --bind "$archives" "$root/var/cache/apt/archives"
+printf '#!/bin/sh\nexit 101\n' > "$root/usr/sbin/policy-rc.d"
+chmod 755 "$root/usr/sbin/policy-rc.d"
+trap 'rm -f "$root/usr/sbin/policy-rc.d"' EXIT
+chroot "$root" apt-get update
+chroot "$root" apt-get install -y --no-install-recommends "$@"
+"""
+
+
+def _fetch_npm(release: NpmRelease, url: str, cache: Path, say: Progress) -> Path:
+    """The release's tarball, from the cache or downloaded into it; checked either way."""
+    path = cache / release.tarball
+    with contextlib.suppress(FileNotFoundError):
+        if release.matches(path.read_bytes()):
+            say(f"{release.tarball}: cached, sha512 verified")
+            return path
+    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            data = response.read()
+    except OSError as e:
+        raise TemplateError(f"cannot download {url}: {e}") from e
+    if not release.matches(data):
+        raise TemplateError(f"{url} does not match the pinned {release.integrity[:20]}…")
+    tmp = path.with_name(f".{release.tarball}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    say(f"{release.tarball}: downloaded {len(data)} bytes, sha512 verified")
+    return path
+
+
+def _link_npm(rootfs: Path) -> None:
+    """`npm`/`npx` on PATH, and global installs in /usr/local (with Node in /usr, npm would
+    put them in /usr): what npm's own builtin config file is for."""
+    npm = rootfs / "usr" / "local" / "lib" / "node_modules" / "npm"
+    (npm / "npmrc").write_text("prefix=/usr/local\n")
+    for command in ("npm", "npx"):
+        link = rootfs / "usr" / "local" / "bin" / command
+        link.unlink(missing_ok=True)
+        link.symlink_to(f"../lib/node_modules/npm/bin/{command}-cli.js")
+
+
+def _configure_base(rootfs: Path) -> None:
+    """Passwordless sudo for the default user; hostname and hosts fit for a jail; a login
+    profile that does not fork; as in E2B's templates, `pip install` and `npm install -g`
+    work for anyone, in /usr/local, and there is a /code for everyone."""
+    sudoers = rootfs / "etc" / "sudoers.d" / DEFAULT_USER
+    sudoers.write_text(f"{DEFAULT_USER} ALL=(ALL) NOPASSWD:ALL\n")
+    sudoers.chmod(0o440)
+    # Debian's pip refuses to install outside a venv (PEP 668); E2B's python (not Debian's)
+    # installs where asked. Outside a venv, pip installs into /usr/local, which apt never uses.
+    (rootfs / "etc" / "pip.conf").write_text("[global]\nbreak-system-packages = true\n")
+    _make_writable_by_all(rootfs / "usr" / "local")
+    code = rootfs / "code"
+    code.mkdir(exist_ok=True)
+    code.chmod(0o777)
+    (rootfs / "etc" / "hostname").write_text("coppice\n")
+    (rootfs / "etc" / "hosts").write_text(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+    )
+    # Debian's /etc/profile runs `id -u` in every login shell, and every `commands.run` is one
+    # (`bash -l -c`): that fork+exec was half of a `commands.run("true")`. bash knows its EUID;
+    # other shells still ask `id`.
+    profile = rootfs / "etc" / "profile"
+    if profile.is_file() and not profile.is_symlink():
+        profile.write_text(profile.read_text().replace('"$(id -u)"', '"${EUID:-$(id -u)}"'))
+
+
+def _make_writable_by_all(top: Path) -> None:
+    """Every directory and file below `top` writable by everyone (symlinks left alone)."""
+    for directory, _, files in os.walk(top):
+        os.chmod(directory, 0o777)
+        for name in files:
+            path = os.path.join(directory, name)
+            mode = os.lstat(path).st_mode
+            if stat.S_ISREG(mode):
+                os.chmod(path, stat.S_IMODE(mode) | 0o666)
+
+
+def _tidy_apt(rootfs: Path) -> None:
+    """Drop downloaded packages and indexes: they belong in the cache, not in every template."""
+    for pattern in ("var/cache/apt/archives/*.deb", "var/cache/apt/*.bin", "var/lib/apt/lists/*"):
+        for path in rootfs.glob(pattern):
+            if path.is_file() and not path.is_symlink() and path.name != "lock":
+                path.unlink()
