@@ -26,21 +26,18 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+import aiohttp
+from aiohttp import web
+from benchlib import percentile
 
-import aiohttp  # noqa: E402
-from aiohttp import web  # noqa: E402
-from benchlib import percentile  # noqa: E402
-from fixtures.backends import Backends, install_dev_rootfs_template  # noqa: E402
-
-from coppice_api.app import bound_port, build_app, start_api  # noqa: E402
-from coppice_envd.app import run_servers  # noqa: E402
-from coppice_jails.manager import SandboxManager  # noqa: E402
-from coppice_jails.registry import Registry  # noqa: E402
-from coppice_jails.runtime.linux import LinuxRuntime  # noqa: E402
-from coppice_jails.storage.overlay import OverlayStorage  # noqa: E402
-from coppice_jails.templates import TemplateStore  # noqa: E402
+from coppice_api.app import bound_port, build_app, start_api
+from coppice_envd.app import run_servers
+from coppice_jails.manager import SandboxManager
+from coppice_jails.registry import Registry
+from coppice_jails.runtime.linux import LinuxRuntime
+from coppice_jails.storage.overlay import OverlayStorage
+from coppice_jails.templates import TemplateStore
+from coppice_jails.testing import Backends, install_dev_rootfs_template
 
 KEY = "e2b_" + "be" * 20
 

@@ -26,17 +26,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
+import pyqwest
+from benchlib import percentile
+
+from coppice_envd.app import build_gateway, run_servers, serve_gateway
+from coppice_envd.http.asgi import Receive, Scope, Send, send_json
+from coppice_envd.testing import StaticLookup, make_sandbox
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-
-import httpx  # noqa: E402
-import pyqwest  # noqa: E402
-from benchlib import percentile  # noqa: E402
-from fixtures.gateway import StaticLookup, make_sandbox  # noqa: E402
-
-from coppice_envd.app import build_gateway, run_servers, serve_gateway  # noqa: E402
-from coppice_envd.envd_api.routes import Receive, Scope, Send, send_json  # noqa: E402
-
 CHUNK = 1024 * 1024
 
 

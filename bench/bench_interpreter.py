@@ -34,7 +34,8 @@ from benchlib import mount_overlay, percentile
 
 from coppice_envd.app import build_gateway, run_servers, serve_gateway
 from coppice_envd.interpreter.service import Interpreter
-from coppice_envd.sandboxes import SandboxLookup, SandboxView
+from coppice_envd.sandboxes import SandboxView
+from coppice_envd.testing import StaticLookup
 from coppice_jails.runtime.base import Jail, Limits
 from coppice_jails.runtime.linux import LinuxRuntime
 
@@ -67,17 +68,6 @@ for line in sys.stdin:
 """
 
 
-class Sandboxes(SandboxLookup):
-    def __init__(self) -> None:
-        self.views: dict[str, SandboxView] = {}
-
-    def get(self, sandbox_id: str) -> SandboxView | None:
-        return self.views.get(sandbox_id)
-
-    def most_recent(self) -> SandboxView | None:
-        return next(reversed(self.views.values()), None)
-
-
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:8.2f}"
 
@@ -87,7 +77,7 @@ class Bench:
         self.template_root = template_root
         self.work = work
         self.runtime = LinuxRuntime(work / "data")
-        self.lookup = Sandboxes()
+        self.lookup = StaticLookup()
         self.interpreter = Interpreter()
         self.jails: list[Jail] = []
         self.mounts: list[Path] = []
@@ -99,7 +89,7 @@ class Bench:
         jail = await self.runtime.start(sandbox_id, merged, Limits())
         self.jails.append(jail)
         view = SandboxView(sandbox_id=sandbox_id, jail=jail, access_token=None)
-        self.lookup.views[sandbox_id] = view
+        self.lookup.sandboxes.append(view)
         return view
 
     async def close(self) -> None:
@@ -219,8 +209,7 @@ async def main() -> None:
     args = parser.parse_args()
     template_root = args.template_root
     if template_root is None:
-        sys.path.insert(0, str(REPO / "tests"))
-        from fixtures.templates import built_template_root  # type: ignore[import-not-found]
+        from coppice_jails.testing import built_template_root
 
         template_root = await asyncio.to_thread(built_template_root, "code-interpreter-v1")
 

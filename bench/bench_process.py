@@ -43,83 +43,20 @@ from process import process_pb2 as pb
 from coppice_envd.app import build_gateway, run_servers, serve_gateway
 from coppice_envd.process.service import ProcessService
 from coppice_envd.routing import RequestScope, enter_request
-from coppice_envd.sandboxes import DEFAULT_PATH, SandboxLookup, SandboxView
+from coppice_envd.sandboxes import DEFAULT_PATH, SandboxView
+from coppice_envd.testing import StaticLookup
 from coppice_jails.runtime.base import (
     ExecSpec,
-    ExitStatus,
     Jail,
     JailProcess,
-    JailStats,
     Limits,
-    ProcessNotFound,
     User,
 )
 from coppice_jails.runtime.linux import LinuxRuntime
+from coppice_jails.testing import FakeJail
 
 ROOT = User("root", 0, 0, "/root", (0,))
 USER = User("user", 1000, 1000, "/home/user", (1000,))
-
-TESTS_DIR = str(Path(__file__).resolve().parent.parent / "tests")
-
-
-class Sandboxes(SandboxLookup):
-    def __init__(self, *views: SandboxView) -> None:
-        self.views = {view.sandbox_id: view for view in views}
-
-    def get(self, sandbox_id: str) -> SandboxView | None:
-        return self.views.get(sandbox_id)
-
-    def most_recent(self) -> SandboxView | None:
-        return next(iter(self.views.values()))
-
-
-class FinishedProcess(JailProcess):
-    """A process that has already run: its output is written and its pipes are closed."""
-
-    def __init__(self) -> None:
-        self.pid = 4242
-        stdin_r, self.stdin_fd = os.pipe()
-        self.stdout_fd, stdout_w = os.pipe()
-        self.stderr_fd, stderr_w = os.pipe()
-        self.pty_fd = None
-        for fd in (stdin_r, stdout_w, stderr_w):
-            os.close(fd)
-
-    async def wait(self) -> ExitStatus:
-        return ExitStatus(0)
-
-    async def signal(self, signum: int) -> None:
-        raise ProcessNotFound("it has exited")
-
-
-class InstantJail(Jail):
-    """Another jail's root, whose processes take no time: what is left is our stack's cost."""
-
-    def __init__(self, real: Jail) -> None:
-        self.sandbox_id = "instant"
-        self.root = real.root
-        self.handle = "instant"
-
-    async def exec(self, spec: ExecSpec) -> JailProcess:
-        return FinishedProcess()
-
-    async def signal(self, pid: int, signum: int) -> None:
-        raise ProcessNotFound(str(pid))
-
-    async def freeze(self) -> None:
-        pass
-
-    async def thaw(self) -> None:
-        pass
-
-    async def stats(self) -> JailStats:
-        return JailStats(0, 0, None, 0)
-
-    def is_alive(self) -> bool:
-        return True
-
-    async def stop(self) -> None:
-        pass
 
 
 def close_fds(process: JailProcess) -> None:
@@ -225,8 +162,7 @@ async def main() -> None:
     parser.add_argument("--streams", type=int, default=200)
     args = parser.parse_args()
     if args.rootfs is None:
-        sys.path.insert(0, TESTS_DIR)
-        from fixtures.templates import built_template_root
+        from coppice_jails.testing import built_template_root
 
         args.rootfs = await asyncio.to_thread(built_template_root, "base")
     work = Path(tempfile.mkdtemp(prefix="coppice-bench-process-"))
@@ -244,7 +180,8 @@ async def main() -> None:
             login_env,
         )
         view = SandboxView(sandbox_id=sandbox_id, jail=jail, access_token=None)
-        instant = SandboxView(sandbox_id="instant", jail=InstantJail(jail), access_token=None)
+        instant_jail = FakeJail("instant", jail.root, instant_processes=True)
+        instant = SandboxView(sandbox_id="instant", jail=instant_jail, access_token=None)
         service = ProcessService()
         sdk_request = pb.StartRequest(
             process=pb.ProcessConfig(cmd="/bin/bash", args=["-l", "-c", "true"]), stdin=False
@@ -264,7 +201,7 @@ async def main() -> None:
         listener.listen(1024)
         url = f"http://127.0.0.1:{listener.getsockname()[1]}"
         stopping = asyncio.Event()
-        app = build_gateway(Sandboxes(view, instant), process=service)
+        app = build_gateway(StaticLookup([instant, view]), process=service)
         server = asyncio.create_task(
             serve_gateway(app, sockets=[listener], shutdown_trigger=stopping.wait)
         )

@@ -14,7 +14,6 @@ import asyncio
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -28,8 +27,6 @@ from coppice_jails.runtime.linux import LinuxJail, LinuxRuntime
 
 ROOT = User("root", 0, 0, "/root", (0,))
 ENV = {"PATH": "/usr/bin:/bin"}
-
-TESTS_DIR = str(Path(__file__).resolve().parent.parent / "tests")
 
 
 async def timed(action: Callable[[], Awaitable[object]]) -> float:
@@ -70,8 +67,7 @@ async def main() -> None:
     parser.add_argument("--execs", type=int, default=300)
     args = parser.parse_args()
     if args.rootfs is None:
-        sys.path.insert(0, TESTS_DIR)
-        from fixtures.templates import built_template_root
+        from coppice_jails.testing import built_template_root
 
         args.rootfs = await asyncio.to_thread(built_template_root, "base")
     work = Path(tempfile.mkdtemp(prefix="coppice-bench-"))

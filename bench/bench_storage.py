@@ -14,19 +14,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from fixtures.zfs import zfs_test_pool
-
 from coppice_jails.storage.base import Storage, run_command
 from coppice_jails.storage.overlay import OverlayStorage
 from coppice_jails.storage.zfs import ZfsStorage
+from coppice_jails.testing import zfs_test_pool
 
 Row = tuple[str, str, list[float], list[float]]
 

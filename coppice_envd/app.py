@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import socket
@@ -65,6 +64,7 @@ from coppice_envd.routing import (
 )
 from coppice_envd.rpc.codecs import GATEWAY_CODECS, GATEWAY_COMPRESSIONS
 from coppice_envd.sandboxes import SandboxLookup
+from coppice_jails._libc import libc as _libc
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -122,7 +122,6 @@ def _method_paths(*descriptors: Any) -> frozenset[str]:
     )
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
 _AF_UNSPEC_ADDRESS = struct.pack("H14x", socket.AF_UNSPEC)
 
 

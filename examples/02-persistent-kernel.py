@@ -14,11 +14,11 @@ from __future__ import annotations
 import e2b_code_interpreter
 
 
-class Sandbox(e2b_code_interpreter.Sandbox):
+class Sandbox(e2b_code_interpreter.Sandbox):  # type: ignore[misc]  # the SDK ships untyped
     # The gateway serves plain HTTP; the SDK assumes TLS for port 49999 outside debug mode.
     @property
     def _jupyter_url(self) -> str:
-        return super()._jupyter_url.replace("https://", "http://", 1)
+        return str(super()._jupyter_url).replace("https://", "http://", 1)
 
 
 def main() -> None:

@@ -8,6 +8,14 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+# Fixture modules: their fixtures reach every test by name, with no import.
+pytest_plugins = [
+    "fixtures.backends",
+    "fixtures.stack",
+    "fixtures.templates",
+    "fixtures.zfs",
+]
+
 # A callback running longer than this on the loop is a blocking call in disguise. Not lower:
 # on 2 busy cores a thread holding the GIL (an SDK client in the test) stalls the loop ~0.3 s.
 SLOW_CALLBACK_SECONDS = 0.5

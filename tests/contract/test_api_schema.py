@@ -8,9 +8,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from fixtures.backends import Backends
-
 from coppice_api.app import bound_port, build_app, start_api
+from coppice_jails.testing import Backends
 
 KEY = "e2b_" + "ef" * 20
 CHECKS = ",".join(

@@ -17,7 +17,9 @@ from connectrpc.errors import ConnectError
 from connectrpc.protocol import ProtocolType
 from filesystem import filesystem_connect, filesystem_pb2, filesystem_pb2_grpc
 from fixtures import REPO
-from fixtures.gateway import RunningGateway, StaticLookup, make_sandbox, start_gateway
+from fixtures.gateway import RunningGateway, start_gateway
+
+from coppice_envd.testing import StaticLookup, make_sandbox
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 BUF = REPO / "tests/node/node_modules/.bin/buf"
@@ -45,7 +47,7 @@ def _run(*argv: str | Path) -> str:
 
 def test_grpcurl_reflection(gateway: RunningGateway) -> None:
     address = f"127.0.0.1:{gateway.port}"
-    base = [GRPCURL, "-plaintext", "-authority", AUTHORITY]
+    base: list[str | Path] = [GRPCURL, "-plaintext", "-authority", AUTHORITY]
     services = _run(*base, address, "list").split()
     assert {"filesystem.Filesystem", "process.Process"} <= set(services)
     described = _run(*base, address, "describe", "filesystem.Filesystem")
@@ -77,7 +79,7 @@ def test_grpcio_client(gateway: RunningGateway) -> None:
     with grpc.insecure_channel(
         f"127.0.0.1:{gateway.port}", options=[("grpc.default_authority", AUTHORITY)]
     ) as channel:
-        stub = filesystem_pb2_grpc.FilesystemStub(channel)
+        stub = filesystem_pb2_grpc.FilesystemStub(channel)  # type: ignore[no-untyped-call]
         response = stub.ListDir(filesystem_pb2.ListDirRequest(path="/root"), timeout=30)
         assert [e.name for e in response.entries] == ["only-in-tools1"]
         with pytest.raises(grpc.RpcError) as raised:

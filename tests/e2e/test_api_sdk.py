@@ -19,10 +19,10 @@ import pytest
 from e2b import Sandbox, SandboxQuery, SandboxState, Template
 from e2b.exceptions import SandboxException
 from fixtures import REPO
-from fixtures.backends import Backends, warm_python_sdk  # noqa: F401
 
 from coppice_api.app import bound_port, build_app, start_api
 from coppice_jails.manager import SandboxManager
+from coppice_jails.testing import Backends
 
 pytestmark = pytest.mark.usefixtures("warm_python_sdk")
 

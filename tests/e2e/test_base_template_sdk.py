@@ -9,7 +9,7 @@ import socket
 
 import pytest
 from e2b import CommandExitException, CommandHandle, Sandbox
-from fixtures.stack import Stack, coppice_stack  # noqa: F401
+from fixtures.stack import Stack
 
 from coppice_jails.templates import NPM
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def sdk_env(coppice_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Stack:  # noqa: F811
+def sdk_env(coppice_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Stack:
     for key, value in coppice_stack.sdk_env().items():
         monkeypatch.setenv(key, value)
     return coppice_stack

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 from e2b import Sandbox
 from e2b_code_interpreter import Sandbox as CodeSandbox
-from fixtures.stack import REPO, Stack, running_stack
+from fixtures import REPO
+from fixtures.stack import Stack, running_stack
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 

@@ -17,13 +17,16 @@ from e2b import (
     AsyncSandbox,
     ConnectionConfig,
     FileNotFoundException,
+    FilesystemEvent,
     FilesystemEventType,
     FileType,
     Sandbox,
 )
 from e2b.sandbox.filesystem.filesystem import WriteEntry
-from fixtures.gateway import USER_UID, RunningGateway, StaticLookup, make_sandbox, start_gateway
+from fixtures.gateway import RunningGateway, start_gateway
 from packaging.version import Version
+
+from coppice_envd.testing import USER_UID, StaticLookup, make_sandbox
 
 TOKEN = "envd-token-123"
 
@@ -115,7 +118,7 @@ def test_sync_sdk_large_file(gateway: RunningGateway, root: Path) -> None:
 def test_sync_sdk_watch_dir(gateway: RunningGateway, root: Path) -> None:
     sbx = Sandbox.create()
     handle = sbx.files.watch_dir("/home/user", recursive=True)
-    events: list = []
+    events: list[FilesystemEvent] = []
 
     def collect(count: int) -> None:
         deadline = time.monotonic() + 10
@@ -163,6 +166,7 @@ def test_sync_sdk_signed_urls(tmp_path: Path) -> None:
             sandbox_domain=None,
             envd_version=Version("0.6.13"),
             envd_access_token=TOKEN,
+            traffic_access_token=None,
             connection_config=config,
         )
         sbx.files.write("secret.txt", "for your eyes")
@@ -199,13 +203,13 @@ async def test_async_sdk_files_and_watch(gateway: RunningGateway, root: Path) ->
     assert (await sbx.files.get_info("adir/moved.txt")).size == len("from async")
     await sbx.files.remove("adir")
     assert not await sbx.files.exists("adir")
-    events: asyncio.Queue = asyncio.Queue()
+    events: asyncio.Queue[FilesystemEvent] = asyncio.Queue()
     handle = await sbx.files.watch_dir("/home/user", events.put_nowait, include_entry=True)
     await sbx.files.write("streamed.txt", "s")
     first = await asyncio.wait_for(events.get(), 10)
     second = await asyncio.wait_for(events.get(), 10)
     third = await asyncio.wait_for(events.get(), 10)
-    await handle.stop()
+    await handle.stop()  # type: ignore[no-untyped-call]  # the SDK leaves it untyped
     assert (first.name, first.type) == ("streamed.txt", FilesystemEventType.CREATE)
     assert (second.name, second.type) == ("streamed.txt", FilesystemEventType.WRITE)
     assert (third.name, third.type) == ("streamed.txt", FilesystemEventType.CHMOD)

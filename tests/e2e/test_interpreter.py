@@ -24,14 +24,15 @@ import pytest
 from e2b import ConnectionConfig
 from e2b_code_interpreter import Sandbox
 from fixtures import REPO
-from fixtures.gateway import RunningGateway, StaticLookup, start_gateway
-from fixtures.templates import built_template_root
+from fixtures.gateway import RunningGateway, start_gateway
 from packaging.version import Version
 
 from coppice_envd.interpreter.service import KEEPALIVE_SECONDS, Interpreter, result_item
 from coppice_envd.sandboxes import SandboxView
+from coppice_envd.testing import StaticLookup
 from coppice_jails.runtime.base import Jail, Limits
 from coppice_jails.runtime.linux import LinuxRuntime
+from coppice_jails.testing import built_template_root
 
 pytestmark = pytest.mark.slow
 

@@ -10,13 +10,13 @@ import httpx
 import pytest
 from e2b import Sandbox, TimeoutException
 from e2b_code_interpreter import Sandbox as CodeSandbox
-from fixtures.stack import Stack, coppice_stack  # noqa: F401
+from fixtures.stack import Stack
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def sdk_env(coppice_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Stack:  # noqa: F811
+def sdk_env(coppice_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Stack:
     for key, value in coppice_stack.sdk_env().items():
         monkeypatch.setenv(key, value)
     return coppice_stack

@@ -8,13 +8,13 @@ import time
 
 import pytest
 from e2b import Sandbox
-from fixtures.stack import Stack, coppice_stack  # noqa: F401
+from fixtures.stack import Stack
 
 pytestmark = pytest.mark.slow
 
 
 def test_metrics_are_a_series_over_the_sandbox_s_life(
-    coppice_stack: Stack,  # noqa: F811
+    coppice_stack: Stack,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     for key, value in coppice_stack.sdk_env().items():

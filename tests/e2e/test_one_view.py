@@ -10,13 +10,13 @@ from collections.abc import Iterator
 import pytest
 from e2b import FileType, Sandbox
 from e2b.exceptions import SandboxException
-from fixtures.stack import Stack, coppice_stack  # noqa: F401
+from fixtures.stack import Stack
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def sbx(coppice_stack: Stack) -> Iterator[Sandbox]:  # noqa: F811
+def sbx(coppice_stack: Stack) -> Iterator[Sandbox]:
     with pytest.MonkeyPatch.context() as env:
         for key, value in coppice_stack.sdk_env().items():
             env.setenv(key, value)

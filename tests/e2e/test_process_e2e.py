@@ -26,15 +26,16 @@ from e2b import (
     Sandbox,
     TimeoutException,
 )
-from fixtures.gateway import StaticLookup, start_gateway
-from fixtures.templates import built_template_root
+from fixtures.gateway import start_gateway
 from process import process_connect
 from process import process_pb2 as pb
 
 from coppice_envd.process.service import ProcessService
 from coppice_envd.sandboxes import SandboxView
+from coppice_envd.testing import StaticLookup
 from coppice_jails.runtime.base import Limits
 from coppice_jails.runtime.linux import LinuxRuntime
+from coppice_jails.testing import built_template_root
 
 
 @dataclass

@@ -10,13 +10,14 @@ import urllib.request
 
 import pytest
 from e2b import Sandbox
-from fixtures.stack import COPPICE, REPO, Stack, coppice_stack  # noqa: F401
+from fixtures import REPO
+from fixtures.stack import COPPICE, Stack
 
 NODE_DIR = REPO / "tests" / "node"
 
 
 @pytest.fixture
-def sdk_env(coppice_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Stack:  # noqa: F811
+def sdk_env(coppice_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Stack:
     for key, value in coppice_stack.sdk_env().items():
         monkeypatch.setenv(key, value)
     return coppice_stack
@@ -36,7 +37,7 @@ def _run_client(stack: Stack, argv: list[str], cwd: os.PathLike[str] = REPO) -> 
     return result.stdout
 
 
-def test_seed_curl_creates_a_default_sandbox(coppice_stack: Stack) -> None:  # noqa: F811
+def test_seed_curl_creates_a_default_sandbox(coppice_stack: Stack) -> None:
     status, body = coppice_stack.api("POST", "/sandboxes", {"templateID": "default"})
     assert status == 201, body
     assert isinstance(body, dict)
@@ -88,7 +89,7 @@ def test_seed_worked_example_routes_by_host_name(sdk_env: Stack) -> None:
             sdk_env.api("DELETE", f"/sandboxes/{sandbox_id}")
 
 
-def test_example_01_commands_and_files(coppice_stack: Stack) -> None:  # noqa: F811
+def test_example_01_commands_and_files(coppice_stack: Stack) -> None:
     out = _run_client(coppice_stack, [sys.executable, "examples/01-commands-and-files.py"])
     lines = out.splitlines()
     assert lines[-1] == "ok"
@@ -102,7 +103,7 @@ def test_example_01_commands_and_files(coppice_stack: Stack) -> None:  # noqa: F
 
 
 def test_example_02_persistent_kernel_prints_the_seed_transcript(
-    coppice_stack: Stack,  # noqa: F811
+    coppice_stack: Stack,
 ) -> None:
     out = _run_client(coppice_stack, [sys.executable, "examples/02-persistent-kernel.py"])
     lines = out.splitlines()
@@ -116,7 +117,7 @@ def test_example_02_persistent_kernel_prints_the_seed_transcript(
     assert lines[7] == "ok"
 
 
-def test_node_sdk_commands_files_and_kill(coppice_stack: Stack) -> None:  # noqa: F811
+def test_node_sdk_commands_files_and_kill(coppice_stack: Stack) -> None:
     out = _run_client(coppice_stack, ["node", "envd_tour.mjs"], cwd=NODE_DIR)
     result = json.loads(out.strip().splitlines()[-1])
     assert result["stdout"] == "node-42\nuser\n"
@@ -125,7 +126,7 @@ def test_node_sdk_commands_files_and_kill(coppice_stack: Stack) -> None:  # noqa
     assert result["failedExit"] == 7
 
 
-def test_cli_sandbox_list_info_kill_and_env(coppice_stack: Stack) -> None:  # noqa: F811
+def test_cli_sandbox_list_info_kill_and_env(coppice_stack: Stack) -> None:
     status, body = coppice_stack.api("POST", "/v2/sandboxes", {"templateID": "base"})
     assert status == 201, body
     assert isinstance(body, dict)
@@ -154,14 +155,14 @@ def test_cli_sandbox_list_info_kill_and_env(coppice_stack: Stack) -> None:  # no
     assert f"export E2B_API_KEY={coppice_stack.api_key}" in env
 
 
-def test_serve_prints_the_key_it_created_and_the_client_env(coppice_stack: Stack) -> None:  # noqa: F811
+def test_serve_prints_the_key_it_created_and_the_client_env(coppice_stack: Stack) -> None:
     log = coppice_stack.log_path.read_text()
     assert f"a new API key was created (stored in {coppice_stack.data_dir}/api-keys)" in log
     assert f"export E2B_API_KEY={coppice_stack.api_key}" in log
     assert f"export E2B_SANDBOX_URL={coppice_stack.sandbox_url}" in log
 
 
-def test_cli_template_list_shows_name_size_created_backend(coppice_stack: Stack) -> None:  # noqa: F811
+def test_cli_template_list_shows_name_size_created_backend(coppice_stack: Stack) -> None:
     result = subprocess.run(
         [str(COPPICE), "--data-dir", str(coppice_stack.data_dir), "template", "list"],
         capture_output=True,

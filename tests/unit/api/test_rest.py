@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
-from fixtures.backends import Backends
 
 from coppice_api.app import build_app
 from coppice_api.auth import load_api_keys, read_api_keys
 from coppice_api.openapi import openapi_document
 from coppice_jails.manager import SandboxManager
+from coppice_jails.testing import Backends
 
 KEY = "e2b_" + "ab" * 20
 DOMAIN = "coppice.lan"
@@ -406,7 +406,7 @@ async def test_logs_v1_and_v2(api: Api) -> None:
 
 def _implemented_routes(api: Api) -> set[tuple[str, str]]:
     routes = set()
-    for route in api.client.app.router.routes():  # type: ignore[union-attr]
+    for route in api.client.app.router.routes():
         if route.method == "HEAD":
             continue
         path = route.resource.canonical if route.resource else ""

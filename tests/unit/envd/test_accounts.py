@@ -51,22 +51,26 @@ def test_current_only_after_a_read(root: Path) -> None:
     assert (user.uid, user.home) == (1000, "/home/user")
 
 
+def _swap_etc(root: Path) -> None:
+    os.rename(root / "etc", root / "etc.old")
+    (root / "etc").mkdir()
+    (root / "etc" / "passwd").write_text(PASSWD + BOB)
+
+
+def _remove_etc(root: Path) -> None:
+    (root / "etc" / "passwd").unlink()
+    (root / "etc" / "group").unlink()
+    (root / "etc").rmdir()
+
+
 CHANGES: dict[str, Callable[[Path], None]] = {
     "append to passwd": lambda root: _append(root / "etc" / "passwd", BOB),
     "replace passwd": lambda root: _replace(root / "etc" / "passwd", PASSWD + BOB),
     "replace group": lambda root: _replace(root / "etc" / "group", GROUP + "bob:x:1001:\n"),
     "delete group": lambda root: (root / "etc" / "group").unlink(),
     "chmod passwd": lambda root: (root / "etc" / "passwd").chmod(0o600),
-    "swap /etc": lambda root: (
-        os.rename(root / "etc", root / "etc.old"),
-        (root / "etc").mkdir(),
-        (root / "etc" / "passwd").write_text(PASSWD + BOB),
-    ),
-    "remove /etc": lambda root: (
-        (root / "etc" / "passwd").unlink(),
-        (root / "etc" / "group").unlink(),
-        (root / "etc").rmdir(),
-    ),
+    "swap /etc": lambda root: _swap_etc(root),
+    "remove /etc": lambda root: _remove_etc(root),
 }
 
 

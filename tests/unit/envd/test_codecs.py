@@ -54,7 +54,7 @@ def _scalar(rng: random.Random, field: FieldDescriptor) -> Any:
 
 def _fill(rng: random.Random, message: Message, depth: int = 0) -> None:
     """Sets a random subset of `message`'s fields (one member per oneof), defaults included."""
-    descriptor: Descriptor = message.DESCRIPTOR
+    descriptor: Descriptor = message.DESCRIPTOR  # type: ignore[assignment]  # upb or python
     for field in descriptor.fields:
         if rng.random() < 0.3 or (field.containing_oneof is not None and rng.random() < 0.5):
             continue
@@ -114,7 +114,8 @@ def _decoded_by_json_format(data: bytes, message_type: type[Message]) -> Message
 
 def _decoded(data: bytes, message_type: type[Message]) -> Message | str:
     try:
-        return JSONCodec().decode(data, message_type)
+        decoded: Message = JSONCodec[Any]().decode(data, message_type)
+        return decoded
     except ConnectError as e:
         return e.message
 
@@ -190,12 +191,12 @@ def test_what_the_sdks_send_is_read_without_json_format(monkeypatch: pytest.Monk
         b'{"process":{"cmd":"/bin/bash","args":["-l","-c","true"],"envs":{"A":"1"},"cwd":"/tmp"},'
         b'"pty":{"size":{"rows":24,"cols":80}},"tag":"t","stdin":false}'
     )
-    request = JSONCodec().decode(start, process_pb2.StartRequest)
+    request = JSONCodec[Any]().decode(start, process_pb2.StartRequest)
     assert request.process.args == ["-l", "-c", "true"]
     assert request.pty.size.cols == 80
     assert request.HasField("stdin")
     assert not request.stdin
     signal = b'{"process":{"pid":42},"signal":"SIGNAL_SIGKILL"}'
-    assert JSONCodec().decode(signal, process_pb2.SendSignalRequest).signal == 9
+    assert JSONCodec[Any]().decode(signal, process_pb2.SendSignalRequest).signal == 9
     listing = b'{"path":"/home/user","depth":2}'
-    assert JSONCodec().decode(listing, filesystem_pb2.ListDirRequest).depth == 2
+    assert JSONCodec[Any]().decode(listing, filesystem_pb2.ListDirRequest).depth == 2

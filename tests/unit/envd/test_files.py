@@ -15,9 +15,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fixtures.gateway import USER_UID, RunningGateway, StaticLookup, make_sandbox, start_gateway
+from fixtures.gateway import RunningGateway, start_gateway
 
 from coppice_envd.permissions.auth import file_signature
+from coppice_envd.testing import USER_UID, StaticLookup, make_sandbox
 
 TOKEN = "secret-token-a"
 
@@ -146,11 +147,12 @@ def test_upload_gzip_and_raw_errors(gateway: RunningGateway, root: Path) -> None
 
 def test_upload_metadata(gateway: RunningGateway, root: Path) -> None:
     def put(headers: dict[str, str | bytes]) -> httpx.Response:
+        raw = [(k.encode(), v if isinstance(v, bytes) else v.encode()) for k, v in headers.items()]
         return httpx.post(
             f"{gateway.url}/files",
             params={"path": "meta.txt"},
             content=b"m",
-            headers={"content-type": "application/octet-stream", **headers},
+            headers=[(b"content-type", b"application/octet-stream"), *raw],
         )
 
     response = put({"X-Metadata-Author": "me", "x-metadata-kind": "note"})

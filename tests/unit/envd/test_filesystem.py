@@ -9,21 +9,14 @@ import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from fixtures.gateway import (
-    USER_UID,
-    RunningGateway,
-    StaticLookup,
-    connect_unary,
-    envelope,
-    make_sandbox,
-    read_envelopes,
-    start_gateway,
-)
+from fixtures.gateway import RunningGateway, connect_unary, envelope, read_envelopes, start_gateway
 
 from coppice_envd.filesystem.entryinfo import go_mode_string
+from coppice_envd.testing import USER_UID, StaticLookup, make_sandbox
 
 FS = "filesystem.Filesystem"
 
@@ -39,7 +32,9 @@ def gateway(root: Path) -> Iterator[RunningGateway]:
         yield gw
 
 
-def call(gw: RunningGateway, method: str, body: object, **headers: str) -> tuple[int, dict]:
+def call(
+    gw: RunningGateway, method: str, body: object, **headers: str
+) -> tuple[int, dict[str, Any]]:
     return connect_unary(gw.url, f"{FS}/{method}", body, headers)
 
 
@@ -340,7 +335,9 @@ def test_dotdot_and_symlinked_parents_stay_inside(
 # -- watches ----------------------------------------------------------------------------------
 
 
-def _watch_stream(gw: RunningGateway, body: dict, timeout_ms: int = 3000) -> httpx.Response:
+def _watch_stream(
+    gw: RunningGateway, body: dict[str, Any], timeout_ms: int = 3000
+) -> httpx.Response:
     return httpx.post(
         f"{gw.url}/{FS}/WatchDir",
         content=envelope(body),
@@ -367,7 +364,7 @@ def test_watch_dir_stream(gateway: RunningGateway, root: Path) -> None:
         chunks = response.iter_bytes()
         buffer = b""
 
-        def next_frame() -> tuple[int, dict]:
+        def next_frame() -> tuple[int, dict[str, Any]]:
             nonlocal buffer
             while len(buffer) < 5 or len(buffer) < 5 + int.from_bytes(buffer[1:5], "big"):
                 buffer += next(chunks)
@@ -440,7 +437,7 @@ def test_polling_watcher(tmp_path: Path) -> None:
         assert len(watcher_id) == 21
         (tmp_path / "a/home/user/one.txt").write_text("1")
         deadline = time.monotonic() + 10
-        events: list = []
+        events: list[dict[str, Any]] = []
         while len(events) < 2 and time.monotonic() < deadline:
             events += call(gw, "GetWatcherEvents", {"watcherId": watcher_id}, **on_a)[1].get(
                 "events", []

@@ -10,18 +10,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fixtures.gateway import (
-    RunningGateway,
-    StaticLookup,
-    connect_unary,
-    envelope,
-    make_sandbox,
-    read_envelopes,
-    start_gateway,
-)
+from fixtures.gateway import RunningGateway, connect_unary, envelope, read_envelopes, start_gateway
 
-from coppice_envd.envd_api.routes import Receive, Scope, Send, send_json
+from coppice_envd.http.asgi import Receive, Scope, Send, send_json
 from coppice_envd.routing import current_sandbox, sandbox_from_host
+from coppice_envd.testing import StaticLookup, make_sandbox
 
 STAT = "filesystem.Filesystem/Stat"
 

@@ -4,16 +4,11 @@ the generated connectrpc client against the generated ASGI app under a real hype
 from __future__ import annotations
 
 import asyncio
-import errno
-import fcntl
 import os
 import re
-import shutil
 import signal
 import socket
-import struct
-import termios
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -35,114 +30,11 @@ from coppice_envd.process.table import Ended, Output, ProcessNotFound, ProcessTa
 from coppice_envd.routing import RequestScope, enter_request
 from coppice_envd.sandboxes import SandboxView
 from coppice_jails.runtime.base import (
-    ExecError,
     ExecSpec,
     ExitStatus,
-    Jail,
-    JailProcess,
-    JailStats,
     User,
-    WorkdirError,
 )
-from coppice_jails.runtime.base import ProcessNotFound as ProcessGone
-
-# --------------------------------------------------------------------------------------------
-# A stand-in jail: processes run on the host (as the test's user), with the jail's cwd mapped
-# under its root, the environment and pty exactly as the ExecSpec says.
-
-
-class HostProcess(JailProcess):
-    """A host process; its exit is seen through a pidfd, so no child watcher is involved."""
-
-    def __init__(self, pid: int, fds: dict[str, int | None]) -> None:
-        self.pid = pid
-        self.stdin_fd = fds["stdin"]
-        self.stdout_fd = fds["stdout"]
-        self.stderr_fd = fds["stderr"]
-        self.pty_fd = fds["pty"]
-        self._pidfd = os.pidfd_open(pid)
-        self._exited = asyncio.get_running_loop().create_future()
-        asyncio.get_running_loop().add_reader(self._pidfd, self._on_exit)
-
-    def _on_exit(self) -> None:
-        asyncio.get_running_loop().remove_reader(self._pidfd)
-        os.close(self._pidfd)
-        _, wait_status = os.waitpid(self.pid, 0)  # it has exited: this only reaps
-        code = os.waitstatus_to_exitcode(wait_status)
-        self._exited.set_result(ExitStatus(code, -code) if code < 0 else ExitStatus(code))
-
-    async def wait(self) -> ExitStatus:
-        status: ExitStatus = await asyncio.shield(self._exited)
-        return status
-
-    async def signal(self, signum: int) -> None:
-        if self._exited.done():
-            raise ProcessGone(f"process {self.pid} has exited")
-        os.kill(self.pid, signum)
-
-
-class HostJail(Jail):
-    """posix_spawn (vfork: cheap on the loop however big this process is) of `env -C <cwd>`,
-    which execs the command with the same pid; a pty child goes through `setsid -c` to own its
-    terminal. Like the real runtime, a program not found on the new PATH is an ExecError."""
-
-    def __init__(self, root: Path) -> None:
-        self.sandbox_id = "sbx-test"
-        self.root = root
-        self.handle = "host"
-        self.specs: list[ExecSpec] = []
-
-    async def exec(self, spec: ExecSpec) -> JailProcess:
-        self.specs.append(spec)
-        if shutil.which(spec.argv[0], path=spec.env.get("PATH", os.defpath)) is None:
-            raise ExecError(errno.ENOENT, f"{spec.argv[0]}: No such file or directory")
-        cwd = self.root / spec.cwd.lstrip("/")
-        if not cwd.is_dir():
-            raise WorkdirError(errno.ENOENT, f"{spec.cwd}: No such file or directory")
-        ours: dict[str, int | None] = {"stdin": None, "stdout": None, "stderr": None, "pty": None}
-        argv = ["env", "-C", str(cwd), "--", *spec.argv]
-        if spec.pty is None:
-            stdin_r, ours["stdin"] = os.pipe2(os.O_CLOEXEC)
-            ours["stdout"], stdout_w = os.pipe2(os.O_CLOEXEC)
-            ours["stderr"], stderr_w = os.pipe2(os.O_CLOEXEC)
-            theirs = [stdin_r, stdout_w, stderr_w]
-        else:
-            master, slave = os.openpty()
-            os.set_inheritable(master, False)
-            rows, cols = spec.pty
-            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-            ours["pty"] = master
-            theirs = [slave, slave, slave]
-            argv = ["setsid", "-c", *argv]
-        try:
-            pid = os.posix_spawnp(  # noqa: ASYNC221 - a vfork, no slower than an os.pipe
-                argv[0],
-                argv,
-                dict(spec.env),
-                file_actions=[(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(theirs)],
-            )
-        finally:
-            for fd in set(theirs):
-                os.close(fd)
-        return HostProcess(pid, ours)
-
-    async def signal(self, pid: int, signum: int) -> None:
-        os.kill(pid, signum)
-
-    async def freeze(self) -> None:
-        raise NotImplementedError
-
-    async def thaw(self) -> None:
-        raise NotImplementedError
-
-    async def stats(self) -> JailStats:
-        raise NotImplementedError
-
-    def is_alive(self) -> bool:
-        return True
-
-    async def stop(self) -> None:
-        pass
+from coppice_jails.testing import HostJail
 
 
 def make_root(base: Path) -> Path:
@@ -256,6 +148,12 @@ async def run(service: ProcessService, script: str, **kwargs: Any) -> Collected:
     return await collect(
         service.start(start_request(script, **kwargs), context("Start", headers, timeout_ms))
     )
+
+
+async def close_stream(stream: AsyncIterator[Any]) -> None:
+    """Close a server stream as a client that went away does (streams are async generators)."""
+    assert isinstance(stream, AsyncGenerator)
+    await stream.aclose()
 
 
 async def first_event(stream: AsyncIterator[Any]) -> pb.ProcessEvent:
@@ -491,7 +389,7 @@ async def test_process_outlives_its_stream_and_stays_connectable(
 ) -> None:
     stream = service.start(start_request("sleep 0.3; exit 4"), context("Start"))
     pid = (await first_event(stream)).start.pid
-    await stream.aclose()  # the client went away
+    await close_stream(stream)  # the client went away
     result = await collect(service.connect(connect_pid(pid), context("Connect")))
     assert result.kinds in (["start", "end"],)
     assert result.end.exit_code == 4
@@ -509,7 +407,7 @@ async def test_output_without_listeners_is_dropped_without_blocking(
     # nobody listens if its output is read and dropped.
     stream = service.start(start_request("head -c 67108864 /dev/zero; exit 3"), context("Start"))
     pid = (await first_event(stream)).start.pid
-    await stream.aclose()
+    await close_stream(stream)
     for _ in range(3000):  # up to 30 s: a hang guard, not a speed check
         if not (await service.list(pb.ListRequest(), context("List"))).processes:
             break
@@ -561,7 +459,7 @@ async def test_connect_timeout_ends_the_stream_but_not_the_process(
     assert caught.value.code == Code.DEADLINE_EXCEEDED
     listed = (await service.list(pb.ListRequest(), context("List"))).processes
     assert [p.pid for p in listed] == [pid]
-    await stream.aclose()
+    await close_stream(stream)
 
 
 async def test_unknown_pid_everywhere_is_not_found(service: ProcessService) -> None:
@@ -743,7 +641,7 @@ async def test_input_errors(service: ProcessService) -> None:
     assert caught.value.code == Code.INTERNAL
     assert caught.value.message == "error resizing tty: tty not assigned to process"
     await service.update(pb.UpdateRequest(process=selector), context("Update"))  # no-op
-    await stream.aclose()
+    await close_stream(stream)
 
 
 # --------------------------------------------------------------------------------------------
@@ -856,7 +754,7 @@ async def serving(app: Any) -> AsyncIterator[str]:
     config.accesslog = None
     stop = asyncio.Event()
     server = asyncio.get_running_loop().create_task(
-        serve(app, config, shutdown_trigger=stop.wait, mode="asgi")  # type: ignore[arg-type]
+        serve(app, config, shutdown_trigger=stop.wait, mode="asgi")
     )
     try:
         yield f"http://127.0.0.1:{port}"
@@ -913,7 +811,7 @@ async def test_http_disconnect_keeps_the_process(
     stream = rpc.start(start_request("head -c 67108864 /dev/zero; exit 6"))
     pid = (await first_event(stream)).start.pid
     await anext(stream)  # some output is in flight
-    await stream.aclose()  # type: ignore[attr-defined]
+    await close_stream(stream)
     for _ in range(3000):  # up to 30 s: a hang guard, not a speed check
         if not (await rpc.list(pb.ListRequest())).processes:
             break

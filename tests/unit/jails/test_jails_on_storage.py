@@ -11,13 +11,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from fixtures.templates import built_template_root
-from fixtures.zfs import zfs_dataset  # noqa: F401
-from test_storage import storage, zfs_parent_or_overlay  # noqa: F401
 
 from coppice_jails.runtime.base import ExecSpec, Limits, User
 from coppice_jails.runtime.linux import LinuxJail, LinuxRuntime
 from coppice_jails.storage.base import Storage
+from coppice_jails.testing import built_template_root
 
 USER = User("user", 1000, 1000, "/home/user", (1000,))
 ENV = {"PATH": "/usr/bin:/bin", "HOME": "/home/user"}
@@ -56,7 +54,7 @@ async def sh(jail: LinuxJail, script: str) -> str:
 
 
 async def test_jails_on_clones_see_only_their_own_files(
-    storage: Storage,  # noqa: F811
+    storage: Storage,
     runtime: LinuxRuntime,
     tmp_path: Path,
 ) -> None:

@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-from fixtures.backends import Backends
 
 from coppice_jails.manager import (
     Conflict,
@@ -20,6 +19,7 @@ from coppice_jails.manager import (
     TemplateNotFound,
 )
 from coppice_jails.registry import Registry, SandboxQuery, SandboxRecord
+from coppice_jails.testing import Backends
 
 
 class Clock:

@@ -16,11 +16,6 @@ from pathlib import Path
 
 import pytest
 from e2b import Sandbox
-from fixtures.backends import (  # noqa: F401
-    install_dev_rootfs_template,
-    warm_python_sdk,
-)
-from fixtures.templates import built_template_root
 
 from coppice_api.app import bound_port, build_app, start_api
 from coppice_jails.manager import CreateSpec, NotFound, SandboxManager
@@ -30,6 +25,7 @@ from coppice_jails.runtime.cgroups import CgroupLayout
 from coppice_jails.runtime.linux import LinuxRuntime
 from coppice_jails.storage.overlay import OverlayStorage
 from coppice_jails.templates import TemplateStore
+from coppice_jails.testing import built_template_root, install_dev_rootfs_template
 
 ROOT = User(name="root", uid=0, gid=0, home="/root")
 KEY = "e2b_" + "12" * 20

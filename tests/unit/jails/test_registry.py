@@ -73,7 +73,7 @@ async def test_paging_is_stable_with_equal_start_times(registry: Registry) -> No
         token = None
         while True:
             page = await registry.list_sandboxes(
-                SandboxQuery(order=order, limit=3, next_token=token)  # type: ignore[arg-type]
+                SandboxQuery(order=order, limit=3, next_token=token)
             )
             seen += [r.id for r in page.items]
             token = page.next_token

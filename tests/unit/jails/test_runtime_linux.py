@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from fixtures import REPO
-from fixtures.templates import built_template_root
 
 from coppice_jails.confined import ConfinedRoot
 from coppice_jails.runtime.base import (
@@ -30,6 +29,7 @@ from coppice_jails.runtime.base import (
 )
 from coppice_jails.runtime.cgroups import CgroupLayout
 from coppice_jails.runtime.linux import LinuxJail, LinuxRuntime
+from coppice_jails.testing import built_template_root
 from coppice_jails.users import lookup_user
 
 ROOT_USER = User("root", 0, 0, "/root", (0,))

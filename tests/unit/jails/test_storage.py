@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from fixtures.zfs import zfs_dataset  # noqa: F401
+from fixtures.zfs import unique
 
 from coppice_jails.storage.base import Storage, StorageError, run_command
 from coppice_jails.storage.overlay import OverlayStorage
@@ -28,43 +26,6 @@ def make_small_tree(root: Path) -> Path:
     (root / "usr").mkdir()
     (root / "usr" / "bin").symlink_to("../bin")
     return root
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}{secrets.token_hex(4)}"
-
-
-@pytest.fixture(params=["overlay", "zfs"])
-def zfs_parent_or_overlay(request: pytest.FixtureRequest) -> str | None:
-    """The ZFS parent dataset for the zfs run, None for overlay (sync: the pool setup blocks)."""
-    if request.param == "overlay":
-        return None
-    parent: str = request.getfixturevalue("zfs_dataset")
-    return parent
-
-
-@pytest.fixture
-async def storage(zfs_parent_or_overlay: str | None, tmp_path: Path) -> AsyncIterator[Storage]:
-    backend: Storage
-    if zfs_parent_or_overlay is None:
-        backend = OverlayStorage(tmp_path / "overlay")
-    else:
-        # One child dataset per test keeps tests independent on the session's pool.
-        backend = ZfsStorage(f"{zfs_parent_or_overlay}/{unique('t')}")
-        proc = await asyncio.create_subprocess_exec("zfs", "create", backend.dataset)
-        assert await proc.wait() == 0
-    yield backend
-    # Tear down everything the test left, so the pool/dir can go.
-    for sandbox in await backend.list_sandboxes():
-        await backend.destroy(sandbox)
-    # Templates made by snapshots depend on their parents (zfs): delete dependents first.
-    for _ in range(5):
-        for template in await backend.list_templates():
-            try:
-                await backend.delete_template(template)
-            except StorageError:
-                continue
-    assert await backend.list_templates() == []
 
 
 @pytest.fixture
