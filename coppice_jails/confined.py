@@ -17,19 +17,18 @@ import posixpath
 import struct
 from pathlib import Path
 
+from coppice_jails._libc import libc
+
 _SYS_OPENAT2 = 437  # same number on x86_64 and aarch64
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_IN_ROOT = 0x10
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 
 
 def _openat2(dirfd: int, path: str, flags: int, mode: int, resolve: int) -> int:
     # The kernel rejects a mode unless the call may create a file.
     creating = bool(flags & os.O_CREAT) or flags & os.O_TMPFILE == os.O_TMPFILE
     how = struct.pack("QQQ", flags | os.O_CLOEXEC, mode if creating else 0, resolve)
-    fd = _libc.syscall(
+    fd = libc.syscall(
         _SYS_OPENAT2,
         ctypes.c_int(dirfd),
         ctypes.c_char_p(os.fsencode(path)),

@@ -23,6 +23,7 @@ import shutil
 import stat
 from pathlib import Path
 
+from coppice_jails._libc import MNT_DETACH, libc
 from coppice_jails.storage.base import (
     Storage,
     StorageError,
@@ -31,13 +32,10 @@ from coppice_jails.storage.base import (
     run_command,
 )
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_MNT_DETACH = 2
-
 
 def _mount_overlay(lower: Path, upper: Path, work: Path, target: Path) -> None:
     options = f"lowerdir={lower},upperdir={upper},workdir={work}"
-    if _libc.mount(b"overlay", os.fsencode(target), b"overlay", 0, options.encode()) != 0:
+    if libc.mount(b"overlay", os.fsencode(target), b"overlay", 0, options.encode()) != 0:
         err = ctypes.get_errno()
         raise StorageError(
             f"mount -t overlay -o {options} {target} failed: {os.strerror(err)} "
@@ -48,12 +46,12 @@ def _mount_overlay(lower: Path, upper: Path, work: Path, target: Path) -> None:
 def _unmount(target: Path) -> None:
     """Unmount if mounted; fall back to a lazy unmount while something still holds it."""
     path = os.fsencode(target)
-    if _libc.umount2(path, 0) == 0:
+    if libc.umount2(path, 0) == 0:
         return
     err = ctypes.get_errno()
     if err in (errno.EINVAL, errno.ENOENT):  # not a mount point (any more), or gone
         return
-    if err == errno.EBUSY and _libc.umount2(path, _MNT_DETACH) == 0:
+    if err == errno.EBUSY and libc.umount2(path, MNT_DETACH) == 0:
         return
     err = ctypes.get_errno()
     raise StorageError(f"umount {target} failed: {os.strerror(err)}")

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+from coppice_jails._libc import MNT_DETACH, libc
 from coppice_jails.confined import ConfinedRoot
 from coppice_jails.storage.base import (
     Storage,
@@ -48,8 +49,6 @@ from coppice_jails.templates.tarball import check_tar_members
 from coppice_jails.users import UnknownUser, lookup_user
 
 _LOCK_POLL_SECONDS = 0.2
-_MNT_DETACH = 2
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class TemplateStore:
@@ -409,7 +408,7 @@ def _remove_tree(path: Path) -> None:
 
 
 def _lazy_unmount(target: str) -> None:
-    if _libc.umount2(os.fsencode(target), _MNT_DETACH) != 0 and ctypes.get_errno() not in (
+    if libc.umount2(os.fsencode(target), MNT_DETACH) != 0 and ctypes.get_errno() not in (
         errno.EINVAL,
         errno.ENOENT,
     ):
