@@ -22,10 +22,9 @@ from coppice_envd.permissions.accounts import Accounts
 from coppice_envd.permissions.auth import UnknownUser, effective_user
 from coppice_envd.sandboxes import SandboxLookup, SandboxView
 from coppice_jails.confined import ConfinedRoot
+from coppice_jails.envd_facts import ENVD_PORT, INTERPRETER_PORT
 from coppice_jails.runtime.base import User
 
-ENVD_PORT = 49983
-INTERPRETER_PORT = 49999
 # The sandbox id of SDKs in debug mode: it names no sandbox, so the most recent one serves.
 DEBUG_SANDBOX_ID = "debug_sandbox_id"
 

@@ -6,9 +6,8 @@ import abc
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from coppice_jails.envd_facts import DEFAULT_PATH
 from coppice_jails.runtime.base import Jail, User
-
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 @dataclass(frozen=True)

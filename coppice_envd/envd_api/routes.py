@@ -18,8 +18,7 @@ from urllib.parse import parse_qs
 
 from coppice_envd.permissions.auth import token_matches
 from coppice_envd.routing import RequestScope
-
-ENVD_VERSION = "0.6.13"
+from coppice_jails.envd_facts import ENVD_VERSION
 
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]

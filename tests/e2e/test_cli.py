@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from fixtures import REPO
 
-from coppice.cli import DEFAULT_DATA_DIR, build_parser
+from coppice.cli import build_parser
+from coppice.settings import DEFAULT_DATA_DIR
 
 COPPICE = Path(sys.executable).parent / "coppice"
 
