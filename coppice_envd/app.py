@@ -37,20 +37,21 @@ from protobuf.wkt.google.protobuf import timestamp_pb
 
 from coppice_envd.envd_api import files
 from coppice_envd.envd_api import routes as envd_http
-from coppice_envd.envd_api.routes import (
+from coppice_envd.envd_api.routes import HTTPRequest, Routes
+from coppice_envd.filesystem.service import FilesystemService
+from coppice_envd.http.asgi import (
     ASGIApp,
-    HTTPRequest,
     Message,
     Receive,
-    Routes,
     Scope,
     Send,
+    request_headers,
     send_error,
     send_json,
     send_not_found,
     send_response,
+    serve_lifespan,
 )
-from coppice_envd.filesystem.service import FilesystemService
 from coppice_envd.permissions.auth import UNAUTHORIZED_MESSAGE, basic_auth_user, passes_token_gate
 from coppice_envd.routing import (
     ENVD_PORT,
@@ -150,13 +151,6 @@ def _reset_connection(client: Any, server: Any) -> None:
                 return
 
 
-def _headers(scope: Scope) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    for name, value in scope.get("headers", ()):
-        headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
-    return headers
-
-
 class Gateway:
     """The gateway's ASGI app (see the module docstring for the order of things)."""
 
@@ -201,7 +195,7 @@ class Gateway:
             await send({"type": "websocket.close", "code": 1008})
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = _headers(scope)
+        headers = request_headers(scope)
         started = False
         response = _Response()
 
@@ -297,25 +291,19 @@ class Gateway:
             else:
                 await rpc_app(scope, receive, send)
             return
-        await self._routes.dispatch(HTTPRequest.from_asgi(scope, receive, request_scope), send)
+        await self._routes.dispatch(
+            HTTPRequest.from_asgi(scope, receive, headers, request_scope), send
+        )
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         interpreter = await _InterpreterLifespan.start(self._interpreter, scope)
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                failure = await interpreter.startup()
-                if failure is None:
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    await send({"type": "lifespan.startup.failed", "message": failure})
-                    return
-            elif message["type"] == "lifespan.shutdown":
-                for closable in self._closables:
-                    await closable.aclose()
-                await interpreter.shutdown()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+
+        async def shutdown() -> None:
+            for closable in self._closables:
+                await closable.aclose()
+            await interpreter.shutdown()
+
+        await serve_lifespan(receive, send, startup=interpreter.startup, shutdown=shutdown)
 
 
 _CORS = [
@@ -465,7 +453,7 @@ async def serve_gateway(
     host: str = "0.0.0.0",
     *,
     sockets: Sequence[socket.socket] = (),
-    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
 ) -> None:
     """Serve `app` with hypercorn (HTTP/1.1 and h2c) on every port, or on already bound
     `sockets` instead, until `shutdown_trigger` returns (default: SIGINT/SIGTERM)."""

@@ -22,17 +22,18 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from coppice_envd.envd_api.routes import (
+from coppice_envd.envd_api.routes import HTTPRequest, Routes
+from coppice_envd.filesystem import ops as fsops
+from coppice_envd.filesystem.entryinfo import read_metadata, walk_entries
+from coppice_envd.http.asgi import (
     ClientDisconnected,
-    HTTPRequest,
-    Routes,
     Send,
+    send_body,
     send_error,
     send_json,
     send_response,
+    start_response,
 )
-from coppice_envd.filesystem import ops as fsops
-from coppice_envd.filesystem.entryinfo import read_metadata, walk_entries
 from coppice_envd.http.multipart import MultipartError, MultipartReader
 from coppice_envd.permissions.accounts import Accounts
 from coppice_envd.permissions.auth import check_file_access, lookup_user
@@ -336,19 +337,13 @@ async def _stream(
             body += compressor.flush()
         return body, len(data)
 
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
-        }
-    )
+    await start_response(send, status, headers)
     offset = start
     while True:
         body, consumed = await asyncio.to_thread(read_piece, offset)
         offset += consumed
         last = offset >= end or consumed == 0  # consumed 0: the file shrank meanwhile
-        await send({"type": "http.response.body", "body": body, "more_body": not last})
+        await send_body(send, body, more=not last)
         if last:
             return
 

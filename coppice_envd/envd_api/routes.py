@@ -1,4 +1,4 @@
-"""envd's plain-HTTP surface (envd-contract §3): request/response plumbing for raw ASGI, the
+"""envd's plain-HTTP surface (envd-contract §3): the request as handlers see it, the
 route table, and the small routes (`/health`, `/envs`, `/metrics`, `/init`).
 
 Responses follow envd: errors are `{"code": <status>, "message": ...}` JSON, unknown paths get
@@ -11,24 +11,23 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
+from coppice_envd.http import asgi
+from coppice_envd.http.asgi import (
+    Receive,
+    Scope,
+    Send,
+    send_json,
+    send_not_found,
+    send_response,
+)
 from coppice_envd.permissions.auth import token_matches
 from coppice_envd.routing import RequestScope
 from coppice_jails.envd_facts import ENVD_VERSION
-
-Message = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-Scope = dict[str, Any]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-
-class ClientDisconnected(Exception):
-    """The client went away before its request body ended."""
 
 
 @dataclass
@@ -38,15 +37,14 @@ class HTTPRequest:
     method: str
     path: str
     query: dict[str, list[str]]
-    headers: dict[str, str]  # lower-case names; the first value of repeated headers
+    headers: dict[str, str]  # http.asgi.request_headers
     receive: Receive
     scope: RequestScope
 
     @classmethod
-    def from_asgi(cls, scope: Scope, receive: Receive, request_scope: RequestScope) -> HTTPRequest:
-        headers: dict[str, str] = {}
-        for name, value in scope.get("headers", ()):
-            headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+    def from_asgi(
+        cls, scope: Scope, receive: Receive, headers: dict[str, str], request_scope: RequestScope
+    ) -> HTTPRequest:
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
         return cls(
             method=scope["method"],
@@ -61,68 +59,12 @@ class HTTPRequest:
         values = self.query.get(name)
         return values[0] if values else None
 
-    async def body(self) -> AsyncIterator[bytes]:
-        while True:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnected
-            chunk = message.get("body", b"")
-            if chunk:
-                yield chunk
-            if not message.get("more_body", False):
-                return
+    def body(self) -> AsyncIterator[bytes]:
+        return asgi.body_chunks(self.receive)
 
     async def read_body(self, limit: int) -> bytes:
-        """The whole body, or ValueError when it is longer than `limit`."""
-        chunks = []
-        size = 0
-        async for chunk in self.body():
-            size += len(chunk)
-            if size > limit:
-                raise ValueError(f"request body larger than {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-
-Headers = Iterable[tuple[str, str]]
-
-
-async def send_response(send: Send, status: int, body: bytes = b"", headers: Headers = ()) -> None:
-    raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-    if body or status not in (204, 304):
-        raw.append((b"content-length", str(len(body)).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-async def send_json(send: Send, status: int, value: Any, headers: Headers = ()) -> None:
-    body = json.dumps(value, separators=(",", ":")).encode() + b"\n"
-    await send_response(
-        send, status, body, [("content-type", "application/json; charset=utf-8"), *headers]
-    )
-
-
-async def send_error(send: Send, status: int, message: str) -> None:
-    """envd's error body: `{"code": <status>, "message": ...}`."""
-    await send_json(
-        send,
-        status,
-        {"code": status, "message": message},
-        [("x-content-type-options", "nosniff")],
-    )
-
-
-async def send_text(send: Send, status: int, text: str) -> None:
-    await send_response(
-        send,
-        status,
-        text.encode(),
-        [("content-type", "text/plain; charset=utf-8"), ("x-content-type-options", "nosniff")],
-    )
-
-
-async def send_not_found(send: Send) -> None:
-    await send_text(send, 404, "404 page not found\n")
+        """The whole body, or http.asgi.BodyTooLarge (a ValueError) past `limit`."""
+        return await asgi.read_body(self.receive, limit)
 
 
 Handler = Callable[[HTTPRequest, Send], Awaitable[None]]

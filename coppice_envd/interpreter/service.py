@@ -27,7 +27,19 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from coppice_envd.envd_api.routes import Receive, Scope, Send
+from coppice_envd.http.asgi import (
+    BodyTooLarge,
+    ClientDisconnected,
+    Receive,
+    Scope,
+    Send,
+    read_body,
+    request_headers,
+    send_body,
+    send_response,
+    serve_lifespan,
+    start_response,
+)
 from coppice_envd.interpreter.kernels import (
     LANGUAGES,
     Kernel,
@@ -67,7 +79,7 @@ _MIME_KEYS = {
 class HTTPError(Exception):
     """An error response with a plain-text body, as the upstream server sends them."""
 
-    def __init__(self, status: int, text: str, content_type: bytes = b"text/plain") -> None:
+    def __init__(self, status: int, text: str, content_type: str = "text/plain") -> None:
         super().__init__(text)
         self.status = status
         self.text = text
@@ -434,25 +446,18 @@ class SandboxContexts:
 
 
 async def _read_body(receive: Receive) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise HTTPError(400, "the client went away")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_REQUEST_BYTES:
-            raise HTTPError(413, "request body too large")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+    try:
+        return await read_body(receive, MAX_REQUEST_BYTES)
+    except ClientDisconnected:
+        raise HTTPError(400, "the client went away") from None
+    except BodyTooLarge:
+        raise HTTPError(413, "request body too large") from None
 
 
 def _validation_error(location: list[str | int], message: str) -> HTTPError:
     # FastAPI's 422 shape, which is what the upstream server answers bad bodies with.
     detail = [{"loc": ["body", *location], "msg": message, "type": "value_error"}]
-    return HTTPError(422, json.dumps({"detail": detail}), b"application/json")
+    return HTTPError(422, json.dumps({"detail": detail}), "application/json")
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
@@ -585,7 +590,7 @@ class Interpreter:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
+            await serve_lifespan(receive, send, shutdown=self.close)
             return
         if scope["type"] != "http":
             return
@@ -599,7 +604,7 @@ class Interpreter:
             if path == "/execute" and method == "POST":
                 # The SDKs send envd's token on /execute only, so only /execute can demand it.
                 if sandbox.access_token is not None and not token_matches(
-                    sandbox.access_token, _header(scope, b"x-access-token")
+                    sandbox.access_token, request_headers(scope).get("x-access-token")
                 ):
                     raise HTTPError(401, "Unauthorized")
                 await self._execute(contexts, receive, send)
@@ -613,16 +618,6 @@ class Interpreter:
                 raise HTTPError(404, "Not Found")
         except HTTPError as err:
             await _send_error(send, err)
-
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.close()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
 
     async def _create_context(
         self, contexts: SandboxContexts, receive: Receive, send: Send
@@ -673,13 +668,6 @@ class Interpreter:
             watcher.cancel()
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key.lower() == name:
-            return bytes(value).decode("latin-1")
-    return None
-
-
 async def _wait_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -698,9 +686,10 @@ async def _stream_response(
     async def send_lines(lines: list[Mapping[str, Any]], *, more: bool = True) -> None:
         nonlocal headers_sent
         if not headers_sent:
-            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await start_response(send, 200)
             headers_sent = True
-        await _send_lines(send, lines, more=more)
+        body = "".join(json.dumps(line) + "\n" for line in lines).encode()
+        await send_body(send, body, more=more)
 
     while not disconnect.done():
         if execution.events.empty():
@@ -740,20 +729,14 @@ async def _stream_response(
             await send_lines(lines)
 
 
-async def _send_lines(send: Send, items: list[Mapping[str, Any]], *, more: bool = True) -> None:
-    body = "".join(json.dumps(item) + "\n" for item in items).encode()
-    await send({"type": "http.response.body", "body": body, "more_body": more})
-
-
 async def _send_json(send: Send, status: int, value: Any) -> None:
-    await _send_body(send, status, json.dumps(value).encode(), b"application/json")
+    """JSON as the upstream (FastAPI) server writes it."""
+    await send_response(
+        send, status, json.dumps(value).encode(), [("content-type", "application/json")]
+    )
 
 
 async def _send_error(send: Send, error: HTTPError) -> None:
-    await _send_body(send, error.status, error.text.encode(), error.content_type)
-
-
-async def _send_body(send: Send, status: int, body: bytes, content_type: bytes) -> None:
-    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    await send_response(
+        send, error.status, error.text.encode(), [("content-type", error.content_type)]
+    )
