@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
-DEFAULT_DATA_DIR = Path(os.environ.get("COPPICE_DATA_DIR", "/var/lib/coppice"))
-DEFAULT_API_PORT = 3000
-DEFAULT_GATEWAY_PORTS = (49983, 49999)
-DEFAULT_DOMAIN = "coppice.lan"
+from coppice.settings import (
+    DEFAULT_API_PORT,
+    DEFAULT_DATA_DIR,
+    DEFAULT_DOMAIN,
+    DEFAULT_GATEWAY_PORTS,
+    DEFAULT_HOST,
+    DEFAULT_TEMPLATES,
+)
+
 DATA_DIR_HELP = f"state, templates and keys (default: {DEFAULT_DATA_DIR}, or $COPPICE_DATA_DIR)"
 
 
@@ -32,13 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
         return subparsers.add_parser(name, help=summary, parents=[data_dir])
 
     serve = add_parser(sub, "serve", "run the lifecycle API and the envd gateway")
-    serve.add_argument("--host", default="0.0.0.0", help="listen address (default: %(default)s)")
+    serve.add_argument("--host", default=DEFAULT_HOST, help="listen address (default: %(default)s)")
     serve.add_argument("--api-port", type=int, default=DEFAULT_API_PORT)
     serve.add_argument(
         "--gateway-ports",
         type=_ports,
         default=DEFAULT_GATEWAY_PORTS,
-        help="comma-separated gateway ports (default: 49983,49999)",
+        help=f"comma-separated gateway ports (default: {_port_list(DEFAULT_GATEWAY_PORTS)})",
     )
     serve.add_argument(
         "--domain",
@@ -49,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--zfs-dataset", help="parent dataset for --storage zfs, e.g. POOL/coppice")
     serve.add_argument(
         "--templates",
-        default="base,code-interpreter-v1",
+        default=",".join(DEFAULT_TEMPLATES),
         help="templates to build (once) before serving; empty for none",
     )
 
@@ -79,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     env.add_argument("--address", default="127.0.0.1")
     env.add_argument("--domain", default=DEFAULT_DOMAIN)
     return parser
+
+
+def _port_list(ports: tuple[int, ...]) -> str:
+    return ",".join(map(str, ports))
 
 
 def _ports(text: str) -> tuple[int, ...]:

@@ -14,7 +14,6 @@ from coppice_api.routes import sandboxes, templates
 from coppice_api.schemas import MAX_BODY_BYTES
 from coppice_jails.manager import SandboxManager
 
-DEFAULT_API_PORT = 3000
 HEALTHY = "Health check successful"
 
 

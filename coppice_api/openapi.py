@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from coppice_api.schemas import (
-    ENVD_VERSION,
     MAX_ENV_VARS,
     MAX_METADATA_ENTRIES,
     MAX_PAGE,
 )
+from coppice_jails.envd_facts import ENVD_VERSION
 from coppice_jails.manager import MAX_TIMEOUT_SECONDS
 
 JSON = "application/json"

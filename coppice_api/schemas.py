@@ -14,6 +14,7 @@ from typing import Any, TypeVar, cast
 from aiohttp import web
 
 from coppice_api.errors import BadRequest
+from coppice_jails.envd_facts import ENVD_VERSION
 from coppice_jails.manager import (
     DEFAULT_TIMEOUT_SECONDS,
     CreateSpec,
@@ -29,9 +30,6 @@ from coppice_jails.registry import (
     SnapshotRecord,
 )
 from coppice_jails.templates import TemplateInfo
-
-# The envd version whose behaviour the gateway implements; ≥ 0.6.4 opens every SDK feature gate.
-ENVD_VERSION = "0.6.13"
 
 # Caps that keep one request (and the registry row it becomes) small.
 MAX_BODY_BYTES = 1024 * 1024

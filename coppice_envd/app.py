@@ -54,8 +54,6 @@ from coppice_envd.http.asgi import (
 )
 from coppice_envd.permissions.auth import UNAUTHORIZED_MESSAGE, basic_auth_user, passes_token_gate
 from coppice_envd.routing import (
-    ENVD_PORT,
-    INTERPRETER_PORT,
     SANDBOX_NOT_FOUND,
     RequestScope,
     Route,
@@ -66,6 +64,7 @@ from coppice_envd.routing import (
 from coppice_envd.rpc.codecs import GATEWAY_CODECS, GATEWAY_COMPRESSIONS
 from coppice_envd.sandboxes import SandboxLookup
 from coppice_jails._libc import libc as _libc
+from coppice_jails.envd_facts import ENVD_PORT, INTERPRETER_PORT
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")

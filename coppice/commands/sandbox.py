@@ -11,10 +11,12 @@ import urllib.request
 from typing import Any
 
 from coppice.commands.env import configured_api_key
+from coppice.settings import DEFAULT_API_PORT
 
 
 def run_sandbox(args: argparse.Namespace) -> int:
-    api_url = (args.api_url or os.environ.get("E2B_API_URL") or "http://127.0.0.1:3000").rstrip("/")
+    default_url = f"http://127.0.0.1:{DEFAULT_API_PORT}"
+    api_url = (args.api_url or os.environ.get("E2B_API_URL") or default_url).rstrip("/")
     key = os.environ.get("E2B_API_KEY") or configured_api_key(args.data_dir) or ""
     if args.sandbox_command == "list":
         status, body = _api_call("GET", f"{api_url}/v2/sandboxes", key)

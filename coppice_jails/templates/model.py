@@ -6,15 +6,14 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
+from coppice_jails.envd_facts import DEFAULT_PATH
+
 # Progress lines of a long operation (build, import), for whoever started it to show.
 Progress = Callable[[str], None]
 
 ALIASES: Mapping[str, str] = {"default": "base"}
 DEFAULT_USER = "user"
-DEFAULT_ENV: Mapping[str, str] = {
-    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    "LANG": "C.UTF-8",
-}
+DEFAULT_ENV: Mapping[str, str] = {"PATH": DEFAULT_PATH, "LANG": "C.UTF-8"}
 
 
 def quiet(line: str) -> None:

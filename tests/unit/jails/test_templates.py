@@ -39,6 +39,7 @@ from coppice_jails.templates import (
     builder,
 )
 from coppice_jails.templates.builder import TemplateBuilder
+from coppice_jails.templates.run import run_logged
 
 PASSWD = "root:x:0:0:root:/root:/bin/bash\nuser:x:1000:1000::/home/user:/bin/bash\n"
 
@@ -270,7 +271,7 @@ async def test_interrupted_build_leaves_nothing(
     store: TemplateStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """debootstrap dies half-way through writing the tree: no template, no work dir."""
-    real_stream = builder.run_logged
+    real_stream = run_logged
 
     async def dying_debootstrap(argv: Sequence[str], say: templates.Progress) -> None:
         if "debootstrap" not in argv:
