@@ -503,3 +503,32 @@ async def test_observers_hear_of_new_jails_and_ended_sandboxes(backends: Backend
     finally:
         await restarted.close()
         await registry.close()
+
+
+async def _registry_down(sandbox_id: str, **fields: object) -> None:
+    raise RuntimeError("registry down")
+
+
+async def test_pause_that_cannot_be_recorded_thaws_the_jail(
+    backends: Backends, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with backends.manager() as manager:
+        record = await manager.create(CreateSpec(template="base"))
+        monkeypatch.setattr(manager.registry, "update_sandbox", _registry_down)
+        with pytest.raises(OperationFailed, match=r"Pausing sandbox .* registry down"):
+            await manager.pause(record.id)
+        assert not backends.runtime.jails[record.id].frozen
+        assert (await manager.get(record.id)).state == "running"
+
+
+async def test_resume_that_cannot_be_recorded_freezes_the_jail_again(
+    backends: Backends, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with backends.manager() as manager:
+        record = await manager.create(CreateSpec(template="base"))
+        await manager.pause(record.id)
+        monkeypatch.setattr(manager.registry, "update_sandbox", _registry_down)
+        with pytest.raises(OperationFailed, match=r"Resuming sandbox .* registry down"):
+            await manager.resume(record.id, 60)
+        assert backends.runtime.jails[record.id].frozen
+        assert manager.get_live(record.id) is None
