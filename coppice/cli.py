@@ -1,9 +1,11 @@
-"""`coppice`: the command line, and the composition root that picks the backends."""
+"""`coppice`: the command line. Parses the arguments, makes the Settings once, and hands them
+to a subcommand of coppice/commands (which alone prints)."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from coppice.settings import (
@@ -13,6 +15,8 @@ from coppice.settings import (
     DEFAULT_GATEWAY_PORTS,
     DEFAULT_HOST,
     DEFAULT_TEMPLATES,
+    STORAGE_KINDS,
+    Settings,
 )
 
 DATA_DIR_HELP = f"state, templates and keys (default: {DEFAULT_DATA_DIR}, or $COPPICE_DATA_DIR)"
@@ -49,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_DOMAIN,
         help="sandbox domain returned to SDKs: hosts are <port>-<id>.<domain>",
     )
-    serve.add_argument("--storage", choices=("auto", "zfs", "overlay"), default="auto")
+    serve.add_argument("--storage", choices=STORAGE_KINDS, default="auto")
     serve.add_argument("--zfs-dataset", help="parent dataset for --storage zfs, e.g. POOL/coppice")
     serve.add_argument(
         "--templates",
@@ -58,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     template = add_parser(sub, "template", "build, import and list sandbox templates")
-    template.add_argument("--storage", choices=("auto", "zfs", "overlay"), default="auto")
+    template.add_argument("--storage", choices=STORAGE_KINDS, default="auto")
     template.add_argument("--zfs-dataset")
     tsub = template.add_subparsers(dest="template_command", metavar="ACTION", required=True)
     build = add_parser(tsub, "build", "build a template (base, code-interpreter-v1)")
@@ -105,20 +109,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         from coppice.commands.serve import run_serve
 
-        return run_serve(args)
+        return run_serve(settings_from(args))
     if args.command == "template":
-        from coppice.commands.template import run_template
+        from coppice.commands import template
 
-        return run_template(args)
+        settings = settings_from(args)
+        if args.template_command == "build":
+            return template.build_template(settings, args.name)
+        if args.template_command == "import":
+            return template.import_template(settings, args.name, args.tarball)
+        return template.list_templates(settings)
     if args.command == "sandbox":
         from coppice.commands.sandbox import run_sandbox
 
-        return run_sandbox(args)
+        return run_sandbox(
+            args.data_dir, args.api_url, args.sandbox_command, getattr(args, "sandbox_id", None)
+        )
     if args.command == "env":
         from coppice.commands.env import run_env
 
-        return run_env(args)
+        return run_env(args.data_dir, args.address, args.api_port, args.gateway_port, args.domain)
     raise AssertionError(args.command)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The Settings of `serve`, or of `template` (which takes only the storage ones)."""
+    storage = Settings(
+        data_dir=args.data_dir.absolute(), storage=args.storage, zfs_dataset=args.zfs_dataset
+    )
+    if args.command != "serve":
+        return storage
+    return replace(
+        storage,
+        host=args.host,
+        api_port=args.api_port,
+        gateway_ports=args.gateway_ports,
+        domain=args.domain,
+        templates=tuple(filter(None, (n.strip() for n in args.templates.split(",")))),
+    )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ knows every concrete backend; everything else depends on the small interfaces.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -16,6 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from coppice.settings import Settings
 from coppice_api.app import build_app, start_api
 from coppice_api.auth import ApiKeys, load_api_keys
 from coppice_envd.app import Gateway, build_gateway, serve_gateway
@@ -31,17 +31,18 @@ from coppice_jails.templates import Progress, TemplateStore
 log = logging.getLogger("coppice")
 
 
-def pick_storage(kind: str, zfs_dataset: str | None, data_dir: Path) -> Storage:
+def pick_storage(settings: Settings) -> Storage:
     """`auto` is zfs when a dataset is given, else overlay (the Linux default)."""
-    if kind == "zfs" or (kind == "auto" and zfs_dataset):
-        if not zfs_dataset:
+    dataset = settings.zfs_dataset
+    if settings.storage == "zfs" or (settings.storage == "auto" and dataset):
+        if not dataset:
             raise SystemExit("coppice: --storage zfs needs --zfs-dataset POOL/coppice")
         from coppice_jails.storage.zfs import ZfsStorage
 
-        return ZfsStorage(zfs_dataset)
+        return ZfsStorage(dataset)
     from coppice_jails.storage.overlay import OverlayStorage
 
-    return OverlayStorage(data_dir / "overlay")
+    return OverlayStorage(settings.data_dir / "overlay")
 
 
 def pick_runtime(data_dir: Path) -> Runtime:
@@ -107,16 +108,14 @@ class GatewayObserver:
         await self._interpreter.sandbox_stopped(sandbox_id)
 
 
-async def serve(
-    args: argparse.Namespace, progress: Progress, ready: Callable[[ApiKeys], None]
-) -> None:
+async def serve(settings: Settings, progress: Progress, ready: Callable[[ApiKeys], None]) -> None:
     """Serve until SIGINT or SIGTERM; `progress` gets template build lines, `ready` is called
     once the API is up and the gateway is about to listen."""
-    data_dir: Path = args.data_dir.absolute()
+    data_dir = settings.data_dir
     await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
-    storage = pick_storage(args.storage, args.zfs_dataset, data_dir)
+    storage = pick_storage(settings)
     templates = TemplateStore(data_dir, storage)
-    for name in filter(None, (n.strip() for n in args.templates.split(","))):
+    for name in settings.templates:
         await templates.ensure(name, progress)
 
     registry = await Registry.open(data_dir)
@@ -129,7 +128,8 @@ async def serve(
         log.info("reconcile: %s", line)
 
     keys = await asyncio.to_thread(load_api_keys, data_dir)
-    api = await start_api(build_app(manager, keys.keys, args.domain), args.host, args.api_port)
+    app = build_app(manager, keys.keys, settings.domain)
+    api = await start_api(app, settings.host, settings.api_port)
 
     stopping = asyncio.Event()
 
@@ -142,7 +142,7 @@ async def serve(
 
     ready(keys)
     try:
-        await serve_gateway(gateway, args.gateway_ports, args.host, shutdown_trigger=stop)
+        await serve_gateway(gateway, settings.gateway_ports, settings.host, shutdown_trigger=stop)
     finally:
         with contextlib.suppress(Exception):
             await interpreter.close()

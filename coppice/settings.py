@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 from coppice_jails.envd_facts import ENVD_PORT, INTERPRETER_PORT
 
@@ -14,3 +16,24 @@ DEFAULT_API_PORT = 3000
 DEFAULT_GATEWAY_PORTS = (ENVD_PORT, INTERPRETER_PORT)
 DEFAULT_DOMAIN = "coppice.lan"
 DEFAULT_TEMPLATES = ("base", "code-interpreter-v1")
+StorageKind = Literal["auto", "zfs", "overlay"]
+STORAGE_KINDS: tuple[StorageKind, ...] = get_args(StorageKind)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What `coppice serve` (and, of it, `coppice template`) runs with; made once by the CLI."""
+
+    data_dir: Path = DEFAULT_DATA_DIR  # absolute
+    host: str = DEFAULT_HOST
+    api_port: int = DEFAULT_API_PORT
+    gateway_ports: tuple[int, ...] = DEFAULT_GATEWAY_PORTS
+    domain: str = DEFAULT_DOMAIN  # sandbox hosts are <port>-<id>.<domain>
+    storage: StorageKind = "auto"  # auto: zfs when a dataset is given, else overlay
+    zfs_dataset: str | None = None
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES  # built (once) before serving
+
+    @property
+    def client_address(self) -> str:
+        """Where a client on this machine reaches the service."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host

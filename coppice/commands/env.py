@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from coppice_api.auth import read_api_keys
 
 
-def run_env(args: argparse.Namespace) -> int:
-    key = configured_api_key(args.data_dir)
-    print(client_env(key, args.address, args.api_port, args.gateway_port, args.domain))
+def run_env(data_dir: Path, address: str, api_port: int, gateway_port: int, domain: str) -> int:
+    print(client_env(configured_api_key(data_dir), address, api_port, gateway_port, domain))
     return 0
 
 

@@ -2,36 +2,37 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from coppice.commands.env import configured_api_key
 from coppice.settings import DEFAULT_API_PORT
 
 
-def run_sandbox(args: argparse.Namespace) -> int:
+def run_sandbox(data_dir: Path, api_url: str | None, action: str, sandbox_id: str | None) -> int:
+    """`action` list, info or kill (these two of `sandbox_id`)."""
     default_url = f"http://127.0.0.1:{DEFAULT_API_PORT}"
-    api_url = (args.api_url or os.environ.get("E2B_API_URL") or default_url).rstrip("/")
-    key = os.environ.get("E2B_API_KEY") or configured_api_key(args.data_dir) or ""
-    if args.sandbox_command == "list":
+    api_url = (api_url or os.environ.get("E2B_API_URL") or default_url).rstrip("/")
+    key = os.environ.get("E2B_API_KEY") or configured_api_key(data_dir) or ""
+    if action == "list":
         status, body = _api_call("GET", f"{api_url}/v2/sandboxes", key)
         if status == 200:
             _print_sandbox_table(body)
             return 0
-    elif args.sandbox_command == "info":
-        status, body = _api_call("GET", f"{api_url}/sandboxes/{args.sandbox_id}", key)
+    elif action == "info":
+        status, body = _api_call("GET", f"{api_url}/sandboxes/{sandbox_id}", key)
         if status == 200:
             print(json.dumps(body, indent=2))
             return 0
     else:
-        status, body = _api_call("DELETE", f"{api_url}/sandboxes/{args.sandbox_id}", key)
+        status, body = _api_call("DELETE", f"{api_url}/sandboxes/{sandbox_id}", key)
         if status == 204:
-            print(f"killed {args.sandbox_id}")
+            print(f"killed {sandbox_id}")
             return 0
     message = body.get("message") if isinstance(body, dict) else body
     print(f"error {status}: {message}", file=sys.stderr)

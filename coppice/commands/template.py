@@ -2,31 +2,35 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 from collections.abc import Sequence
+from pathlib import Path
 
 from coppice.commands.console import progress
 from coppice.serve import pick_storage
+from coppice.settings import Settings
 from coppice_jails.templates import ALIASES, TemplateInfo, TemplateStore
 
 
-def run_template(args: argparse.Namespace) -> int:
-    asyncio.run(_template(args))
+def build_template(settings: Settings, name: str) -> int:
+    info = asyncio.run(_store(settings).build(name, progress))
+    progress(f"template {info.name} ready ({info.size_bytes >> 20} MiB, {info.backend})")
     return 0
 
 
-async def _template(args: argparse.Namespace) -> None:
-    data_dir = args.data_dir.absolute()
-    store = TemplateStore(data_dir, pick_storage(args.storage, args.zfs_dataset, data_dir))
-    if args.template_command == "build":
-        info = await store.build(args.name, progress)
-        progress(f"template {info.name} ready ({info.size_bytes >> 20} MiB, {info.backend})")
-    elif args.template_command == "import":
-        info = await store.import_tar(args.name, args.tarball, progress)
-        progress(f"template {info.name} imported ({info.size_bytes >> 20} MiB, user {info.user})")
-    else:
-        print(format_template_table(await store.list()))
+def import_template(settings: Settings, name: str, tarball: Path) -> int:
+    info = asyncio.run(_store(settings).import_tar(name, tarball, progress))
+    progress(f"template {info.name} imported ({info.size_bytes >> 20} MiB, user {info.user})")
+    return 0
+
+
+def list_templates(settings: Settings) -> int:
+    print(format_template_table(asyncio.run(_store(settings).list())))
+    return 0
+
+
+def _store(settings: Settings) -> TemplateStore:
+    return TemplateStore(settings.data_dir, pick_storage(settings))
 
 
 def format_template_table(infos: Sequence[TemplateInfo]) -> str:
