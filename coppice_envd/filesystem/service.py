@@ -30,12 +30,12 @@ from coppice_envd.permissions.accounts import Accounts
 from coppice_envd.permissions.auth import UnknownUser
 from coppice_envd.permissions.paths import PathExpansionError, expand_and_resolve
 from coppice_envd.routing import RequestScope, current_request
+from coppice_envd.rpc.streams import Keepalive, keepalive_interval, paced, rpc_deadline
 from coppice_jails.confined import ConfinedRoot
 from coppice_jails.runtime.base import User
 
 _T = TypeVar("_T")
 
-DEFAULT_KEEPALIVE_SECONDS = 90.0
 _WATCHER_ID_ALPHABET = string.ascii_lowercase + string.digits
 
 
@@ -219,15 +219,6 @@ def _open_watch(op: Operation, path: str, recursive: bool, include_entry: bool) 
         raise ConnectError(Code.INTERNAL, f"error setting up watcher: {e}") from e
 
 
-def keepalive_interval(ctx: RequestContext[Any, Any]) -> float:
-    """`Keepalive-Ping-Interval` in seconds; missing, invalid or non-positive: the default."""
-    try:
-        seconds = float(ctx.request_headers.get("keepalive-ping-interval", ""))
-    except ValueError:
-        return DEFAULT_KEEPALIVE_SECONDS
-    return seconds if seconds > 0 else DEFAULT_KEEPALIVE_SECONDS
-
-
 LEGACY_USER_AGENT = "connect-python"
 _Trimmable = TypeVar(
     "_Trimmable",
@@ -340,36 +331,33 @@ class FilesystemService:
         watch = await run_operation(
             lambda op: _open_watch(op, request.path, request.recursive, request.include_entry)
         )
+        deadline = rpc_deadline(ctx.timeout_ms)
         queue: asyncio.Queue[fs.FilesystemEvent] = asyncio.Queue()
         runner = asyncio.create_task(watch.run(queue.put_nowait))
-        interval = keepalive_interval(ctx)
-        loop = asyncio.get_running_loop()
-        deadline = None if ctx.timeout_ms is None else loop.time() + ctx.timeout_ms / 1000
-        getter: asyncio.Future[fs.FilesystemEvent] | None = None
+
+        async def next_event() -> fs.FilesystemEvent:
+            getter = asyncio.ensure_future(queue.get())
+            try:
+                await asyncio.wait({getter, runner}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not getter.done():
+                    getter.cancel()
+            if getter.done():
+                return getter.result()
+            error = runner.exception()
+            raise ConnectError(Code.INTERNAL, str(error) if error else "watcher stopped")
+
         try:
             yield fs.WatchDirResponse(start=fs.WatchDirResponse.StartEvent())
-            while True:
-                wait = interval if deadline is None else min(interval, deadline - loop.time())
-                if wait <= 0:
-                    raise ConnectError(Code.DEADLINE_EXCEEDED, "context deadline exceeded")
-                if getter is None:
-                    getter = asyncio.ensure_future(queue.get())
-                pending: set[asyncio.Future[Any]] = {getter, runner}
-                done, _ = await asyncio.wait(
-                    pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED
-                )
-                if getter in done:
-                    event, getter = getter.result(), None
-                    yield _trimmed(ctx, fs.WatchDirResponse(filesystem=event))
-                elif runner in done:
-                    error = runner.exception()
-                    raise ConnectError(Code.INTERNAL, str(error) if error else "watcher stopped")
-                elif deadline is None or loop.time() < deadline:
-                    yield fs.WatchDirResponse(keepalive=fs.WatchDirResponse.KeepAlive())
+            events = paced(next_event, keepalive_interval(ctx.request_headers), deadline)
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    if event is Keepalive.DUE:
+                        yield fs.WatchDirResponse(keepalive=fs.WatchDirResponse.KeepAlive())
+                    else:
+                        yield _trimmed(ctx, fs.WatchDirResponse(filesystem=event))
         finally:
-            for task in (getter, runner):
-                if task is not None:
-                    task.cancel()
+            runner.cancel()
             with contextlib.suppress(asyncio.CancelledError, WatchError):
                 await runner
             watch.close()

@@ -50,6 +50,7 @@ from coppice_envd.interpreter.kernels import (
 )
 from coppice_envd.permissions.auth import lookup_user, token_matches
 from coppice_envd.routing import current_sandbox
+from coppice_envd.rpc.streams import Keepalive, paced
 from coppice_envd.sandboxes import SandboxView
 from coppice_jails.runtime.base import Jail, User
 
@@ -691,42 +692,48 @@ async def _stream_response(
         body = "".join(json.dumps(line) + "\n" for line in lines).encode()
         await send_body(send, body, more=more)
 
-    while not disconnect.done():
-        if execution.events.empty():
-            get = asyncio.ensure_future(execution.events.get())
-            done, _ = await asyncio.wait(
-                {get, disconnect},
-                timeout=KEEPALIVE_SECONDS if started else None,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            if get not in done:
+    async def next_events() -> list[tuple[str, Any]] | None:
+        """What the execution queued since the last call; None once the client has left."""
+        get = asyncio.ensure_future(execution.events.get())
+        try:
+            await asyncio.wait({get, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not get.done():
                 get.cancel()
-                if started and disconnect not in done:
-                    await send_lines([{"type": "keepalive"}])
-                continue
-            events = [get.result()]
-        else:
-            events = []
+        if disconnect.done():
+            return None
+        events = [get.result()]
         while not execution.events.empty():
             events.append(execution.events.get_nowait())
-        lines: list[Mapping[str, Any]] = []
-        for kind, value in events:
-            if kind == "fail":  # only ever before "start"
-                await _send_error(send, value)
+        return events
+
+    events = paced(next_events, KEEPALIVE_SECONDS)
+    async with contextlib.aclosing(events):
+        async for batch in events:
+            if batch is Keepalive.DUE:
+                if started:  # a queued execution is not running yet: nothing to keep alive
+                    await send_lines([{"type": "keepalive"}])
+                continue
+            if batch is None:
                 return
-            if kind == "start":
-                started = True
-            elif kind == "line":
-                lines.append(value)
-            elif kind == "end":
-                if not started:
-                    await _send_error(send, HTTPError(500, "the execution did not start"))
+            lines: list[Mapping[str, Any]] = []
+            for kind, value in batch:
+                if kind == "fail":  # only ever before "start"
+                    await _send_error(send, value)
                     return
-                lines.append({"type": "end_of_execution"})
-                await send_lines(lines, more=False)
-                return
-        if lines:
-            await send_lines(lines)
+                if kind == "start":
+                    started = True
+                elif kind == "line":
+                    lines.append(value)
+                elif kind == "end":
+                    if not started:
+                        await _send_error(send, HTTPError(500, "the execution did not start"))
+                        return
+                    lines.append({"type": "end_of_execution"})
+                    await send_lines(lines, more=False)
+                    return
+            if lines:
+                await send_lines(lines)
 
 
 async def _send_json(send: Send, status: int, value: Any) -> None:

@@ -6,7 +6,6 @@ everything about running processes lives in `process_table`.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import signal
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
@@ -35,11 +34,10 @@ from coppice_envd.process.table import (
     WorkdirMissing,
 )
 from coppice_envd.routing import RequestScope, current_request
+from coppice_envd.rpc.streams import Keepalive, keepalive_interval, paced, rpc_deadline
 from coppice_envd.sandboxes import SandboxView
 from coppice_jails.runtime.base import ExecSpec, ExitStatus, User
 
-# envd passes its own PATH on; this is what a Debian root shell has.
-DEFAULT_KEEPALIVE_SECONDS = 90.0
 # envd runs every command through `sh -c 'exec "$@"'`, so a command that cannot be executed
 # still starts and exits 127 (or 126) with the shell's message. We exec directly (the jail's init
 # searches PATH in the child's environment) and use the shell only when that fails: the same
@@ -81,15 +79,6 @@ def end_event(ended: Ended) -> pb.ProcessEvent.EndEvent:
         return event
     text = "signal: " + _SIGNAL_NAMES.get(status.signal, f"signal {status.signal}")
     return pb.ProcessEvent.EndEvent(exit_code=-1, exited=False, status=text, error=text)
-
-
-def keepalive_interval(headers: Headers) -> float:
-    """`Keepalive-Ping-Interval` in seconds; missing, bad or non-positive values mean 90."""
-    try:
-        seconds = float(int(headers.get("keepalive-ping-interval", "")))
-    except ValueError:
-        return DEFAULT_KEEPALIVE_SECONDS
-    return seconds if seconds > 0 else DEFAULT_KEEPALIVE_SECONDS
 
 
 def process_timeout(headers: Headers) -> float | None:
@@ -335,31 +324,20 @@ async def _events(
     The RPC deadline (`Connect-Timeout-Ms`) ends the stream with deadline_exceeded; closing the
     stream (a client that went away) only unsubscribes.
     """
-    loop = asyncio.get_running_loop()
-    interval = keepalive_interval(headers)
-    deadline = None if timeout_ms is None else loop.time() + max(timeout_ms, 0) / 1000
+    deadline = rpc_deadline(timeout_ms)
     try:
         yield pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=subscription.pid))
-        keepalive_at = loop.time() + interval
-        while True:
-            wake_at = keepalive_at if deadline is None else min(keepalive_at, deadline)
-            try:
-                async with asyncio.timeout_at(wake_at):
-                    event = await subscription.next()
-            except TimeoutError:
-                if deadline is not None and loop.time() >= deadline:
-                    raise ConnectError(
-                        Code.DEADLINE_EXCEEDED, "context deadline exceeded"
-                    ) from None
-                yield pb.ProcessEvent(keepalive=pb.ProcessEvent.KeepAlive())
-                keepalive_at = loop.time() + interval
-                continue
-            if isinstance(event, Output):
-                data = pb.ProcessEvent.DataEvent(**{event.kind: event.data})
-                yield pb.ProcessEvent(data=data)
-                keepalive_at = loop.time() + interval
-            else:
-                yield pb.ProcessEvent(end=end_event(event))
-                return
+        events = paced(subscription.next, keepalive_interval(headers), deadline)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if event is Keepalive.DUE:
+                    yield pb.ProcessEvent(keepalive=pb.ProcessEvent.KeepAlive())
+                elif isinstance(event, Output):
+                    yield pb.ProcessEvent(
+                        data=pb.ProcessEvent.DataEvent(**{event.kind: event.data})
+                    )
+                else:
+                    yield pb.ProcessEvent(end=end_event(event))
+                    return
     finally:
         subscription.close()
