@@ -53,12 +53,11 @@ from coppice_envd.http.asgi import (
     serve_lifespan,
 )
 from coppice_envd.permissions.auth import UNAUTHORIZED_MESSAGE, basic_auth_user, passes_token_gate
+from coppice_envd.request import RequestScope, enter_request
 from coppice_envd.routing import (
     SANDBOX_NOT_FOUND,
-    RequestScope,
     Route,
     RoutingError,
-    enter_request,
     route_request,
 )
 from coppice_envd.rpc.codecs import GATEWAY_CODECS, GATEWAY_COMPRESSIONS

@@ -4,26 +4,15 @@ In order: the Host header `<port>-<id>.<domain>[:port]`; else the `E2b-Sandbox-I
 `E2b-Sandbox-Port` headers (E2B_SANDBOX_URL and debug clients); else, when nothing names a
 sandbox (debug mode's `localhost:49983`), the most recently started one. The port label picks the
 handler set; without one, the listener's own port does.
-
-During a request, service code reads the routed sandbox and the effective user from here.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
-from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from connectrpc.code import Code
-from connectrpc.errors import ConnectError
-
-from coppice_envd.permissions.accounts import Accounts
-from coppice_envd.permissions.auth import UnknownUser, effective_user
 from coppice_envd.sandboxes import SandboxLookup, SandboxView
-from coppice_jails.confined import ConfinedRoot
 from coppice_jails.envd_facts import ENVD_PORT, INTERPRETER_PORT
-from coppice_jails.runtime.base import User
 
 # The sandbox id of SDKs in debug mode: it names no sandbox, so the most recent one serves.
 DEBUG_SANDBOX_ID = "debug_sandbox_id"
@@ -93,71 +82,3 @@ def route_request(
     if port not in (ENVD_PORT, INTERPRETER_PORT):
         raise RoutingError(PORT_NOT_OPEN, sandbox.sandbox_id, port if port >= 0 else None)
     return Route(sandbox=sandbox, port=port)
-
-
-@dataclass
-class RequestScope:
-    """What one gateway request acts on: its sandbox and its (lazily resolved) user."""
-
-    sandbox: SandboxView
-    basic_user: str | None  # from `Authorization: Basic`, None without it
-    _accounts: Accounts | None = field(default=None, repr=False)
-    _user: User | None = field(default=None, repr=False)
-
-    def accounts_sync(self, root: ConfinedRoot) -> Accounts:
-        """The sandbox's users and groups as of this request (blocking)."""
-        if self._accounts is None:
-            self._accounts = Accounts.read(root)
-        return self._accounts
-
-    def user_sync(self, root: ConfinedRoot | None = None) -> User:
-        """The effective user (blocking; raises auth.UnknownUser)."""
-        if self._user is None:
-            if root is None:
-                with self.sandbox.jail.open_root() as own_root:
-                    return self.user_sync(own_root)
-            accounts = self.accounts_sync(root)
-            self._user = effective_user(accounts, self.basic_user, self.sandbox.default_user)
-        return self._user
-
-    def user_now(self) -> User | None:
-        """The effective user if the sandbox's accounts are known to be current without reading
-        them, else None; never blocks (raises auth.UnknownUser)."""
-        if self._user is None:
-            accounts = self._accounts or Accounts.current(self.sandbox.jail.root)
-            if accounts is None:
-                return None
-            self._accounts = accounts
-            self._user = effective_user(accounts, self.basic_user, self.sandbox.default_user)
-        return self._user
-
-    async def user(self) -> User:
-        """The effective user (raises auth.UnknownUser), read in a thread only when needed."""
-        user = self.user_now()
-        return user if user is not None else await asyncio.to_thread(self.user_sync)
-
-
-_current: ContextVar[RequestScope] = ContextVar("coppice_gateway_request")
-
-
-def enter_request(scope: RequestScope) -> None:
-    """Bind `scope` to the running request (the gateway app calls this once per request)."""
-    _current.set(scope)
-
-
-def current_request() -> RequestScope:
-    """The request being served; LookupError outside a gateway request."""
-    return _current.get()
-
-
-def current_sandbox() -> SandboxView:
-    return _current.get().sandbox
-
-
-async def current_user() -> User:
-    """The effective user of the request being served. An unknown user raises the Connect
-    `unauthenticated` error envd answers with (`invalid username: '<name>'`)."""
-    try:
-        return await _current.get().user()
-    except UnknownUser as e:
-        raise ConnectError(Code.UNAUTHENTICATED, str(e)) from e

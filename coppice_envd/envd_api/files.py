@@ -36,11 +36,12 @@ from coppice_envd.http.asgi import (
 )
 from coppice_envd.http.multipart import MultipartError, MultipartReader
 from coppice_envd.permissions.accounts import Accounts
-from coppice_envd.permissions.auth import check_file_access, lookup_user
+from coppice_envd.permissions.auth import check_file_access
 from coppice_envd.permissions.paths import PathExpansionError, expand_and_resolve
+from coppice_envd.request import RequestScope
 from coppice_envd.rpc.codecs import message_to_json
 from coppice_jails.confined import ConfinedRoot
-from coppice_jails.runtime.base import Jail, User
+from coppice_jails.runtime.base import User
 
 CHUNK = 1024 * 1024
 PSEUDO_FILE_LIMIT = 16 * 1024 * 1024  # what a download of a size-0 (pseudo-)file reads at most
@@ -98,7 +99,7 @@ async def _authorize(request: HTTPRequest, operation: str) -> FileRequest:
         raise HTTPFailure(401, denied)
     name = username if username else request.scope.sandbox.default_user
     try:
-        root, user = await asyncio.to_thread(_open_as, request.scope.sandbox.jail, name)
+        root, user = await asyncio.to_thread(_open_as, request.scope, name)
     except OSError as e:  # the jail is gone
         raise HTTPFailure(502, e.strerror or str(e)) from e
     if user is None:
@@ -107,11 +108,11 @@ async def _authorize(request: HTTPRequest, operation: str) -> FileRequest:
     return FileRequest(request=request, root=root, user=user)
 
 
-def _open_as(jail: Jail, name: str) -> tuple[ConfinedRoot, User | None]:
+def _open_as(scope: RequestScope, name: str) -> tuple[ConfinedRoot, User | None]:
     """The sandbox's files as its processes see them, and the user `name` there. Blocking."""
-    root = jail.open_root()
+    root = scope.sandbox.jail.open_root()
     try:
-        return root, lookup_user(root, name)
+        return root, scope.accounts_sync(root).user(name)
     except BaseException:
         root.close()
         raise

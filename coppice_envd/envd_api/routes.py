@@ -26,7 +26,7 @@ from coppice_envd.http.asgi import (
     send_response,
 )
 from coppice_envd.permissions.auth import token_matches
-from coppice_envd.routing import RequestScope
+from coppice_envd.request import RequestScope
 from coppice_jails.envd_facts import ENVD_VERSION
 
 

@@ -27,9 +27,8 @@ from coppice_envd.filesystem import ops as fsops
 from coppice_envd.filesystem.entryinfo import entry_info, walk_entries
 from coppice_envd.filesystem.watch import DirectoryWatch, WatchError
 from coppice_envd.permissions.accounts import Accounts
-from coppice_envd.permissions.auth import UnknownUser
 from coppice_envd.permissions.paths import PathExpansionError, expand_and_resolve
-from coppice_envd.routing import RequestScope, current_request
+from coppice_envd.request import RequestScope, current_request, unknown_user_unauthenticated
 from coppice_envd.rpc.streams import Keepalive, keepalive_interval, paced, rpc_deadline
 from coppice_jails.confined import ConfinedRoot
 from coppice_jails.runtime.base import User
@@ -66,15 +65,11 @@ class Operation:
 async def run_operation(work: Callable[[Operation], _T]) -> _T:
     """Run `work` in a thread against the current request's sandbox."""
     scope = current_request()
-    with contextlib.suppress(UnknownUser):  # raised again in the thread, as the RPC error
-        scope.user_now()  # when the accounts are current, the thread need not read them
 
     def in_thread() -> _T:
         with scope.sandbox.jail.open_root() as root:
-            try:
+            with unknown_user_unauthenticated():
                 user = scope.user_sync(root)
-            except UnknownUser as e:
-                raise ConnectError(Code.UNAUTHENTICATED, str(e)) from e
             return work(Operation(root=root, user=user, scope=scope))
 
     return await asyncio.to_thread(in_thread)

@@ -48,11 +48,12 @@ from coppice_envd.interpreter.kernels import (
     KernelStartError,
     Message,
 )
-from coppice_envd.permissions.auth import lookup_user, token_matches
-from coppice_envd.routing import current_sandbox
+from coppice_envd.permissions.auth import token_matches
+from coppice_envd.request import RequestScope, current_sandbox
 from coppice_envd.rpc.streams import Keepalive, paced
 from coppice_envd.sandboxes import SandboxView
 from coppice_jails.runtime.base import Jail, User
+from coppice_jails.users import UnknownUser
 
 log = logging.getLogger(__name__)
 
@@ -364,16 +365,14 @@ class SandboxContexts:
         self._user: User | None = None
 
     async def user(self) -> User:
+        """The user kernels run as: the default user, whoever calls (resolved as for a request
+        without Basic auth; until found, every call looks again)."""
         if self._user is None:
-            self._user = await asyncio.to_thread(self._lookup_user)
+            try:
+                self._user = await RequestScope(self.view, basic_user=None).user()
+            except UnknownUser as err:
+                raise KernelStartError(str(err)) from None
         return self._user
-
-    def _lookup_user(self) -> User:
-        with self.jail.open_root() as root:
-            user = lookup_user(root, self.view.default_user)
-        if user is None:
-            raise KernelStartError(f"invalid default user: '{self.view.default_user}'")
-        return user
 
     async def start_kernel(self, context: Context) -> Kernel:
         user = await self.user()

@@ -2,8 +2,8 @@
 
 * The access-token gate: with a token set, every request needs `X-Access-Token` except the few
   routes envd exempts; `/files` may instead carry a v1 signature (`download_url`/`upload_url`).
-* The effective user: HTTP Basic auth with an empty password names it, else the sandbox's
-  default user; names are looked up in the sandbox's own passwd.
+* The effective user: HTTP Basic auth with an empty password names it (`basic_auth_user`),
+  else the sandbox's default user (resolved in coppice_envd.request).
 """
 
 from __future__ import annotations
@@ -13,10 +13,6 @@ import binascii
 import hashlib
 import hmac
 import time
-
-from coppice_envd.permissions.accounts import Accounts
-from coppice_jails.confined import ConfinedRoot
-from coppice_jails.runtime.base import User
 
 UNAUTHORIZED_MESSAGE = (
     "unauthorized access, please provide a valid access token or method signing if supported"
@@ -90,22 +86,3 @@ def basic_auth_user(authorization: str | None) -> str | None:
     except (binascii.Error, UnicodeDecodeError):
         return None
     return decoded.partition(":")[0]
-
-
-class UnknownUser(LookupError):
-    """The effective user is not in the sandbox's passwd; the message is envd's."""
-
-
-def lookup_user(root: ConfinedRoot, name: str) -> User | None:
-    """The sandbox's user `name` (blocking: reads its /etc/passwd)."""
-    return Accounts.read(root).user(name)
-
-
-def effective_user(accounts: Accounts, basic_user: str | None, default_user: str) -> User:
-    """The user a request acts as (§1.2); raises UnknownUser with envd's message."""
-    name = basic_user if basic_user is not None else default_user
-    user = accounts.user(name)
-    if user is None:
-        kind = "username" if basic_user is not None else "default user"
-        raise UnknownUser(f"invalid {kind}: '{name}'")
-    return user

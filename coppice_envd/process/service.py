@@ -15,7 +15,6 @@ from connectrpc.errors import ConnectError
 from connectrpc.request import Headers, RequestContext
 from process import process_pb2 as pb
 
-from coppice_envd.permissions.auth import UnknownUser
 from coppice_envd.permissions.paths import PathExpansionError, expand_and_resolve
 from coppice_envd.process.table import (
     Ended,
@@ -33,10 +32,10 @@ from coppice_envd.process.table import (
     Subscription,
     WorkdirMissing,
 )
-from coppice_envd.routing import RequestScope, current_request
+from coppice_envd.request import RequestScope, current_request, unknown_user_unauthenticated
 from coppice_envd.rpc.streams import Keepalive, keepalive_interval, paced, rpc_deadline
 from coppice_envd.sandboxes import SandboxView
-from coppice_jails.runtime.base import ExecSpec, ExitStatus, User
+from coppice_jails.runtime.base import ExecSpec, ExitStatus
 
 # envd runs every command through `sh -c 'exec "$@"'`, so a command that cannot be executed
 # still starts and exits 127 (or 126) with the shell's message. We exec directly (the jail's init
@@ -97,14 +96,6 @@ def _selector(message: pb.ProcessSelector) -> Selector:
     raise ConnectError(Code.UNIMPLEMENTED, "invalid input type: process selector not set")
 
 
-async def _user(scope: RequestScope) -> User:
-    """The request's effective user; envd refuses an unknown one as unauthenticated."""
-    try:
-        return await scope.user()
-    except UnknownUser as exc:
-        raise ConnectError(Code.UNAUTHENTICATED, str(exc)) from None
-
-
 def _rpc_error(exc: ProcessError) -> ConnectError:
     return ConnectError(_ERROR_CODES.get(type(exc), Code.INTERNAL), str(exc))
 
@@ -153,7 +144,8 @@ class ProcessService:
         envd refuses an unknown one on every RPC (contract §1.2)."""
         scope = self._scope()
         if scope.basic_user is not None:
-            await _user(scope)
+            with unknown_user_unauthenticated():
+                await scope.user()
         return self.table(scope.sandbox)
 
     # -- streams ---------------------------------------------------------------------------
@@ -163,7 +155,8 @@ class ProcessService:
     ) -> AsyncIterator[pb.StartResponse]:
         scope = self._scope()
         config = request.process
-        user = await _user(scope)
+        with unknown_user_unauthenticated():
+            user = await scope.user()
         # Whether cwd exists is the jail's to say (WorkdirError), as the user, when it starts.
         requested_cwd = config.cwd if config.HasField("cwd") else ""
         try:

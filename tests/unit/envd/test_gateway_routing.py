@@ -13,7 +13,8 @@ import pytest
 from fixtures.gateway import RunningGateway, connect_unary, envelope, read_envelopes, start_gateway
 
 from coppice_envd.http.asgi import Receive, Scope, Send, send_json
-from coppice_envd.routing import current_sandbox, sandbox_from_host
+from coppice_envd.request import current_sandbox
+from coppice_envd.routing import sandbox_from_host
 from coppice_envd.testing import StaticLookup, make_sandbox
 
 STAT = "filesystem.Filesystem/Stat"

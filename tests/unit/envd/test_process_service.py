@@ -27,7 +27,7 @@ from process import process_pb2 as pb
 from coppice_envd.permissions.auth import basic_auth_user
 from coppice_envd.process.service import ProcessService, end_event
 from coppice_envd.process.table import Ended, Output, ProcessNotFound, ProcessTable
-from coppice_envd.routing import RequestScope, enter_request
+from coppice_envd.request import RequestScope, enter_request
 from coppice_envd.sandboxes import SandboxView
 from coppice_jails.runtime.base import (
     ExecSpec,
