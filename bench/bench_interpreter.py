@@ -33,7 +33,7 @@ from pathlib import Path
 from benchlib import mount_overlay, percentile
 
 from coppice_envd.app import build_gateway, run_servers, serve_gateway
-from coppice_envd.interpreter.service import Interpreter
+from coppice_envd.interpreter.service import Interpreter, SandboxContexts
 from coppice_envd.sandboxes import SandboxView
 from coppice_envd.testing import StaticLookup
 from coppice_jails.runtime.base import Jail, Limits
@@ -91,6 +91,11 @@ class Bench:
         view = SandboxView(sandbox_id=sandbox_id, jail=jail, access_token=None)
         self.lookup.sandboxes.append(view)
         return view
+
+    async def contexts(self, sandbox_id: str) -> SandboxContexts:
+        view = self.lookup.get(sandbox_id)
+        assert view is not None
+        return await self.interpreter.contexts(view)
 
     async def close(self) -> None:
         await self.interpreter.close()
@@ -162,7 +167,7 @@ print(json.dumps(times))
 
 async def kernel_floor(bench: Bench, sandbox_id: str, runs: int) -> tuple[list[float], list[float]]:
     """(jupyter_client execute+reply from another process, the interpreter's reply+idle path)."""
-    contexts = bench.interpreter._sandboxes[sandbox_id]
+    contexts = await bench.contexts(sandbox_id)
     kernel = contexts.defaults["python"].kernel
     assert kernel is not None
     info = {
@@ -184,7 +189,7 @@ async def kernel_floor(bench: Bench, sandbox_id: str, runs: int) -> tuple[list[f
 
 
 async def wait_kernel_ready(bench: Bench, sandbox_id: str) -> None:
-    context = bench.interpreter._sandboxes[sandbox_id].defaults["python"]
+    context = (await bench.contexts(sandbox_id)).defaults["python"]
     await context.ensure_started()
 
 

@@ -17,7 +17,7 @@ import socket
 import stat
 import struct
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, TypeVar
 
 import uvloop
 from connectrpc.code import Code
@@ -61,7 +61,7 @@ from coppice_envd.routing import (
     route_request,
 )
 from coppice_envd.rpc.codecs import GATEWAY_CODECS, GATEWAY_COMPRESSIONS
-from coppice_envd.sandboxes import SandboxLookup
+from coppice_envd.sandboxes import SandboxLookup, SandboxStates, UsesSandboxStates
 from coppice_jails._libc import libc as _libc
 from coppice_jails.envd_facts import ENVD_PORT, INTERPRETER_PORT
 
@@ -77,11 +77,6 @@ _CORS_EXPOSED = (
     "X-Content-Type-Options"
 )
 _CORS_MAX_AGE = "7200"
-
-
-@runtime_checkable
-class Closable(Protocol):
-    async def aclose(self) -> None: ...
 
 
 class ResponseCut(Exception):
@@ -160,14 +155,14 @@ class Gateway:
         rpc_methods: frozenset[str],
         routes: Routes,
         interpreter: ASGIApp | None,
-        closables: Sequence[Closable],
+        sandboxes: SandboxStates,
     ) -> None:
         self._lookup = lookup
         self._rpc_apps = rpc_apps  # "/<package>.<Service>" → app
         self._rpc_methods = rpc_methods
         self._routes = routes
         self._interpreter = interpreter
-        self._closables = closables
+        self.sandboxes = sandboxes
         self._responses: dict[str, set[_Response]] = {}  # sandbox id → responses in flight
         self._ending: set[str] = set()  # sandboxes being killed: gone for every new request
 
@@ -181,8 +176,10 @@ class Gateway:
             response.cut = True
 
     def sandbox_stopped(self, sandbox_id: str) -> None:
-        """The sandbox's jail has ended (routing no longer finds it)."""
+        """The sandbox's jail has ended (routing no longer finds it): everything the gateway
+        keeps for it is forgotten and closed."""
         self._ending.discard(sandbox_id)
+        self.sandboxes.sandbox_stopped(sandbox_id)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -297,8 +294,7 @@ class Gateway:
         interpreter = await _InterpreterLifespan.start(self._interpreter, scope)
 
         async def shutdown() -> None:
-            for closable in self._closables:
-                await closable.aclose()
+            await self.sandboxes.aclose()
             await interpreter.shutdown()
 
         await serve_lifespan(receive, send, startup=interpreter.startup, shutdown=shutdown)
@@ -384,8 +380,14 @@ def build_gateway(
     interpreter: ASGIApp | None = None,
     filesystem: FilesystemService | None = None,
 ) -> Gateway:
-    """The gateway app. `process` may be None (its RPCs then answer `unimplemented`)."""
+    """The gateway app. `process` may be None (its RPCs then answer `unimplemented`). The
+    services that keep per-sandbox state are handed the gateway's one owner of it."""
     filesystem = filesystem or FilesystemService()
+    metrics = envd_http.MetricsSampler()
+    sandboxes = SandboxStates()
+    for service in (process, interpreter, filesystem, metrics):
+        if isinstance(service, UsesSandboxStates):
+            service.sandboxes = sandboxes
     reflection = _reflection_files()
     process_app = process_connect.ProcessASGIApplication(
         process if process is not None else _NoProcessService(),
@@ -412,10 +414,9 @@ def build_gateway(
     routes = Routes()
     routes.add("GET", "/health", envd_http.health)
     routes.add("GET", "/envs", envd_http.envs)
-    routes.add("GET", "/metrics", envd_http.MetricsSampler())
+    routes.add("GET", "/metrics", metrics)
     routes.add("POST", "/init", envd_http.init)
     files.add_routes(routes)
-    closables = [c for c in (filesystem, process) if isinstance(c, Closable)]
     return Gateway(
         lookup,
         rpc_apps=rpc_apps,
@@ -423,7 +424,7 @@ def build_gateway(
         | reflection_methods,
         routes=routes,
         interpreter=interpreter,
-        closables=closables,
+        sandboxes=sandboxes,
     )
 
 

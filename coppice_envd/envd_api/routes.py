@@ -27,6 +27,7 @@ from coppice_envd.http.asgi import (
 )
 from coppice_envd.permissions.auth import token_matches
 from coppice_envd.request import RequestScope
+from coppice_envd.sandboxes import SandboxStates, SandboxView, StateKind
 from coppice_jails.envd_facts import ENVD_VERSION
 
 
@@ -103,10 +104,28 @@ async def envs(request: HTTPRequest, send: Send) -> None:
 
 
 @dataclass
-class MetricsSampler:
-    """envd's `/metrics`: cpu since the previous call, memory, and disk of the sandbox root."""
+class _CpuSample:
+    """A sandbox's cpu usage at the previous `/metrics` call."""
 
-    _last_cpu: dict[str, tuple[float, int]] = field(default_factory=dict)
+    last: tuple[float, int] | None = None  # (monotonic time, usage in µs)
+
+    async def close(self) -> None:
+        """Nothing to release: forgetting the sample is all."""
+
+
+def _no_sample(sandbox: SandboxView) -> _CpuSample:
+    return _CpuSample()
+
+
+_CPU_SAMPLE = StateKind("cpu sample", _no_sample)
+
+
+@dataclass
+class MetricsSampler:
+    """envd's `/metrics`: cpu since the previous call, memory, and disk of the sandbox root.
+    The previous calls' samples belong to `sandboxes` (the gateway's, from `build_gateway`)."""
+
+    sandboxes: SandboxStates = field(default_factory=SandboxStates)
 
     async def __call__(self, request: HTTPRequest, send: Send) -> None:
         sandbox = request.scope.sandbox
@@ -118,8 +137,8 @@ class MetricsSampler:
             return
         now = time.monotonic()
         cpu_count = os.cpu_count() or 1
-        last = self._last_cpu.get(sandbox.sandbox_id)
-        self._last_cpu[sandbox.sandbox_id] = (now, stats.cpu_usage_usec)
+        sample = self.sandboxes.get(sandbox, _CPU_SAMPLE)
+        last, sample.last = sample.last, (now, stats.cpu_usage_usec)
         cpu_pct = 0.0
         if last is not None and now > last[0]:
             used = (stats.cpu_usage_usec - last[1]) / 1e6

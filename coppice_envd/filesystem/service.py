@@ -30,6 +30,7 @@ from coppice_envd.permissions.accounts import Accounts
 from coppice_envd.permissions.paths import PathExpansionError, expand_and_resolve
 from coppice_envd.request import RequestScope, current_request, unknown_user_unauthenticated
 from coppice_envd.rpc.streams import Keepalive, keepalive_interval, paced, rpc_deadline
+from coppice_envd.sandboxes import SandboxStates, SandboxView, StateKind
 from coppice_jails.confined import ConfinedRoot
 from coppice_jails.runtime.base import User
 
@@ -251,7 +252,6 @@ def _trimmed(ctx: RequestContext[Any, Any], response: _Trimmable) -> _Trimmable:
 
 @dataclass
 class _PollingWatcher:
-    sandbox_id: str
     watch: DirectoryWatch
     events: list[fs.FilesystemEvent] = field(default_factory=list)
     error: str | None = None
@@ -265,21 +265,41 @@ class _PollingWatcher:
         finally:
             self.watch.close()
 
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+
+@dataclass
+class _PollingWatchers:
+    """A sandbox's CreateWatcher watchers by id (other sandboxes' ids are unknown here)."""
+
+    by_id: dict[str, _PollingWatcher] = field(default_factory=dict)
+
+    async def close(self) -> None:
+        watchers, self.by_id = self.by_id, {}
+        for watcher in watchers.values():
+            await watcher.stop()
+
+
+def _no_watchers(sandbox: SandboxView) -> _PollingWatchers:
+    return _PollingWatchers()
+
+
+_WATCHERS = StateKind("polling watchers", _no_watchers)
+
 
 class FilesystemService:
-    """Implements the generated `filesystem_connect.Filesystem` protocol."""
+    """Implements the generated `filesystem_connect.Filesystem` protocol. Its polling watchers
+    belong to `sandboxes` (the gateway's, once `build_gateway` is given this service)."""
 
     def __init__(self) -> None:
-        self._watchers: dict[str, _PollingWatcher] = {}
+        self.sandboxes = SandboxStates()
 
-    async def aclose(self) -> None:
-        """Stop every polling watcher (at gateway shutdown)."""
-        watchers, self._watchers = self._watchers, {}
-        for watcher in watchers.values():
-            if watcher.task is not None:
-                watcher.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher.task
+    def _watchers(self) -> _PollingWatchers:
+        return self.sandboxes.get(current_request().sandbox, _WATCHERS)
 
     async def stat(
         self, request: fs.StatRequest, ctx: RequestContext[fs.StatRequest, fs.StatResponse], /
@@ -367,15 +387,14 @@ class FilesystemService:
             lambda op: _open_watch(op, request.path, request.recursive, request.include_entry)
         )
         watcher_id = "w" + "".join(secrets.choice(_WATCHER_ID_ALPHABET) for _ in range(20))
-        watcher = _PollingWatcher(sandbox_id=current_request().sandbox.sandbox_id, watch=watch)
+        watcher = _PollingWatcher(watch=watch)
         watcher.task = asyncio.create_task(watcher.run())
-        self._watchers[watcher_id] = watcher
+        self._watchers().by_id[watcher_id] = watcher
         return fs.CreateWatcherResponse(watcher_id=watcher_id)
 
     def _watcher(self, watcher_id: str) -> _PollingWatcher:
-        watcher = self._watchers.get(watcher_id)
-        # A watcher id of another sandbox is as unknown as a made-up one.
-        if watcher is None or watcher.sandbox_id != current_request().sandbox.sandbox_id:
+        watcher = self._watchers().by_id.get(watcher_id)
+        if watcher is None:
             raise ConnectError(Code.NOT_FOUND, f"watcher with id {watcher_id} not found")
         return watcher
 
@@ -398,9 +417,6 @@ class FilesystemService:
         /,
     ) -> fs.RemoveWatcherResponse:
         watcher = self._watcher(request.watcher_id)
-        del self._watchers[request.watcher_id]
-        if watcher.task is not None:
-            watcher.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher.task
+        del self._watchers().by_id[request.watcher_id]
+        await watcher.stop()
         return fs.RemoveWatcherResponse()

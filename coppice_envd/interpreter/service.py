@@ -51,7 +51,7 @@ from coppice_envd.interpreter.kernels import (
 from coppice_envd.permissions.auth import token_matches
 from coppice_envd.request import RequestScope, current_sandbox
 from coppice_envd.rpc.streams import Keepalive, paced
-from coppice_envd.sandboxes import SandboxView
+from coppice_envd.sandboxes import SandboxStates, SandboxView, StateKind
 from coppice_jails.runtime.base import Jail, User
 from coppice_jails.users import UnknownUser
 
@@ -516,15 +516,17 @@ class Interpreter:
     python kernel), `sandbox_stopped` when it is killed (not on a freezing pause: the kernels keep
     their state through it), and `close` at shutdown (the gateway's lifespan does too). All on
     the gateway's event loop. Kernels of a jail that ended without `sandbox_stopped` are noticed
-    and forgotten. Contexts belong to a sandbox id and its Jail object: a new Jail for the same
-    id (a resume that had to start one) starts over.
+    and forgotten. Contexts belong to `sandboxes` (the gateway's, once `build_gateway` is given
+    this app), per sandbox id and Jail object: a new Jail for the same id (a resume that had to
+    start one) starts over.
     """
 
     def __init__(self) -> None:
         self._zmq = zmq.asyncio.Context()
         # A request queued for a kernel that died must not hold up closing its socket.
         self._zmq.setsockopt(zmq.LINGER, 0)
-        self._sandboxes: dict[str, SandboxContexts] = {}
+        self.sandboxes = SandboxStates()
+        self._contexts_kind = StateKind("code contexts", self._new_contexts)
 
     # -- lifecycle hooks
 
@@ -534,7 +536,7 @@ class Interpreter:
         Without a python kernel in the sandbox this only logs; requests then answer 500.
         """
         try:
-            contexts = await self._contexts_of(view)
+            contexts = await self.contexts(view)
         except HTTPError as err:
             log.info("no python kernel for %s: %s", view.sandbox_id, err.text)
             return
@@ -542,17 +544,14 @@ class Interpreter:
             await self._warm_up(contexts)
 
     async def sandbox_stopped(self, sandbox_id: str) -> None:
-        """Stop the sandbox's kernels and forget its contexts."""
-        contexts = self._sandboxes.pop(sandbox_id, None)
-        if contexts is not None:
-            await contexts.close()
+        """Stop the sandbox's kernels and forget its contexts (and all its other state)."""
+        await self.sandboxes.closed(sandbox_id)
 
     async def close(self) -> None:
         """Stop every kernel (the gateway's lifespan shutdown calls this too; twice is fine)."""
         if self._zmq.closed:
             return
-        for sandbox_id in list(self._sandboxes):
-            await self.sandbox_stopped(sandbox_id)
+        await self.sandboxes.aclose()
         loop = asyncio.get_running_loop()
         leftovers = [t for t in _background_tasks if t.get_loop() is loop]
         for task in leftovers:
@@ -560,25 +559,24 @@ class Interpreter:
         await asyncio.gather(*leftovers, return_exceptions=True)
         self._zmq.destroy(linger=0)
 
-    async def _contexts_of(self, view: SandboxView) -> SandboxContexts:
-        """The sandbox's contexts; on first sight, its default python context comes first."""
-        contexts = self._sandboxes.get(view.sandbox_id)
-        if contexts is None or contexts.jail is not view.jail:
-            if contexts is not None:  # the sandbox now runs in a new jail: its kernels are gone
-                _background(contexts.close())
-            contexts = SandboxContexts(view, self._zmq, self._jail_gone)
-            self._sandboxes[view.sandbox_id] = contexts
-            _background(self._warm_up(contexts))
+    async def contexts(self, view: SandboxView) -> SandboxContexts:
+        """The sandbox's contexts (HTTPError 500 without its default python context); on first
+        sight, the default python context comes first."""
+        contexts = self.sandboxes.get(view, self._contexts_kind)
         try:
             await contexts.default_context("python")
         except KernelStartError as err:  # e.g. no such default user
             raise HTTPError(500, str(err)) from None
         return contexts
 
+    def _new_contexts(self, view: SandboxView) -> SandboxContexts:
+        contexts = SandboxContexts(view, self._zmq, self._jail_gone)
+        _background(self._warm_up(contexts))
+        return contexts
+
     def _jail_gone(self, contexts: SandboxContexts) -> None:
-        if self._sandboxes.get(contexts.view.sandbox_id) is contexts:
-            del self._sandboxes[contexts.view.sandbox_id]
-            _background(contexts.close())
+        self.sandboxes.discard(contexts.view.sandbox_id, self._contexts_kind, contexts)
+        _background(contexts.close())
 
     async def _warm_up(self, contexts: SandboxContexts) -> None:
         try:
@@ -600,7 +598,7 @@ class Interpreter:
                 await _send_json(send, 200, "OK")
                 return
             sandbox = current_sandbox()
-            contexts = await self._contexts_of(sandbox)
+            contexts = await self.contexts(sandbox)
             if path == "/execute" and method == "POST":
                 # The SDKs send envd's token on /execute only, so only /execute can demand it.
                 if sandbox.access_token is not None and not token_matches(

@@ -34,7 +34,7 @@ from coppice_envd.process.table import (
 )
 from coppice_envd.request import RequestScope, current_request, unknown_user_unauthenticated
 from coppice_envd.rpc.streams import Keepalive, keepalive_interval, paced, rpc_deadline
-from coppice_envd.sandboxes import SandboxView
+from coppice_envd.sandboxes import SandboxStates, SandboxView, StateKind
 from coppice_jails.runtime.base import ExecSpec, ExitStatus
 
 # envd runs every command through `sh -c 'exec "$@"'`, so a command that cannot be executed
@@ -109,35 +109,37 @@ def _as_rpc_errors() -> Iterator[None]:
         raise _rpc_error(exc) from exc
 
 
+def _new_table(sandbox: SandboxView) -> ProcessTable[pb.ProcessConfig]:
+    return ProcessTable(sandbox.jail)
+
+
+_TABLE = StateKind("process table", _new_table)
+
+
 class ProcessService:
     """Implements the generated `process_connect.Process` protocol.
 
     `scope` is called inside each RPC for the request's sandbox and user; by default the one
-    the gateway's routing bound to the running request.
+    the gateway's routing bound to the running request. The process tables belong to
+    `sandboxes` (the gateway's, once `build_gateway` is given this service).
     Mount with `ProcessASGIApplication(ProcessService(...))`.
     """
 
     def __init__(self, scope: Callable[[], RequestScope] = current_request) -> None:
         self._scope = scope
-        self._tables: dict[str, ProcessTable[pb.ProcessConfig]] = {}
+        self.sandboxes = SandboxStates()
 
     def table(self, sandbox: SandboxView) -> ProcessTable[pb.ProcessConfig]:
         """The process table of a sandbox (a new one when the sandbox got a new jail)."""
-        table = self._tables.get(sandbox.sandbox_id)
-        if table is None or table.jail is not sandbox.jail:
-            table = self._tables[sandbox.sandbox_id] = ProcessTable(sandbox.jail)
-        return table
+        return self.sandboxes.get(sandbox, _TABLE)
 
     async def forget(self, sandbox_id: str) -> None:
-        """Kill and drop a sandbox's processes (the sandbox is being stopped or paused)."""
-        table = self._tables.pop(sandbox_id, None)
-        if table is not None:
-            await table.close()
+        """The sandbox has stopped: wait until its processes (and all its state) are gone."""
+        await self.sandboxes.closed(sandbox_id)
 
     async def aclose(self) -> None:
         """Kill every process of every sandbox (the gateway is shutting down)."""
-        for sandbox_id in list(self._tables):
-            await self.forget(sandbox_id)
+        await self.sandboxes.aclose()
 
     async def _current_table(self) -> ProcessTable[pb.ProcessConfig]:
         """The request's process table, once a Basic-auth user (if any) is known to exist:
