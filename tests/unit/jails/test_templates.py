@@ -20,11 +20,6 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from fixtures.templates import (  # noqa: F401
-    base_template_root,
-    code_interpreter_template_root,
-)
-from fixtures.zfs import zfs_dataset  # noqa: F401
 
 from coppice.commands.template import format_template_table
 from coppice_jails import templates
@@ -66,8 +61,7 @@ def make_rootfs_tar(
     path: Path, with_user: bool = True, extra: Sequence[tuple[str, str]] = ()
 ) -> Path:
     """A tiny root filesystem tarball (gzip if the name says so); extra = (name, symlink target)."""
-    mode = "w:gz" if path.name.endswith(".gz") else "w"
-    with tarfile.open(path, mode) as tar:
+    with tarfile.open(path, "w:gz" if path.name.endswith(".gz") else "w") as tar:
         for d in ("./", "./etc", "./root", "./bin", "./home"):
             _add(tar, d, tarfile.DIRTYPE, mode=0o755)
         passwd = PASSWD if with_user else PASSWD.splitlines(keepends=True)[0]
@@ -467,7 +461,7 @@ def _passwd_entry(root: Path, user: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_built_base_has_user_home_python_sudo(base_template_root: Path) -> None:  # noqa: F811
+def test_built_base_has_user_home_python_sudo(base_template_root: Path) -> None:
     root = base_template_root
     assert _passwd_entry(root, "user")[2:4] == ["1000", "1000"]
     assert _passwd_entry(root, "user")[5:7] == ["/home/user", "/bin/bash"]
@@ -534,7 +528,7 @@ python -m venv ~/venv && echo "venv $(~/venv/bin/pip --version | cut -d' ' -f1)"
 
 @pytest.mark.slow
 def test_built_base_has_e2b_base_tools_for_user(
-    base_template_root: Path,  # noqa: F811
+    base_template_root: Path,
     tmp_path: Path,
 ) -> None:
     script = "\n".join(
@@ -567,7 +561,7 @@ def test_built_base_has_e2b_base_tools_for_user(
 
 
 @pytest.mark.slow
-async def test_built_base_runs_python_as_user(base_template_root: Path) -> None:  # noqa: F811
+async def test_built_base_runs_python_as_user(base_template_root: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
         "chroot", "--userspec=1000:1000", str(base_template_root),
         "/usr/bin/python3", "-c", "import os, sys; print(os.getuid(), sys.version_info[:2])",
@@ -580,7 +574,7 @@ async def test_built_base_runs_python_as_user(base_template_root: Path) -> None:
 
 @pytest.mark.slow
 async def test_built_code_interpreter_imports_its_packages(
-    code_interpreter_template_root: Path,  # noqa: F811
+    code_interpreter_template_root: Path,
 ) -> None:
     proc = await asyncio.create_subprocess_exec(
         "/usr/sbin/chroot", "--userspec=1000:1000", str(code_interpreter_template_root),
