@@ -31,7 +31,7 @@ from aiohttp import web
 from benchlib import percentile
 
 from coppice_api.app import bound_port, build_app, start_api
-from coppice_envd.app import run_servers
+from coppice_envd.server import run_servers
 from coppice_jails.manager import SandboxManager
 from coppice_jails.registry import Registry
 from coppice_jails.runtime.linux import LinuxRuntime

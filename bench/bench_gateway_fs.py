@@ -30,8 +30,8 @@ import httpx
 import pyqwest
 from benchlib import percentile
 
-from coppice_envd.app import build_gateway, run_servers, serve_gateway
 from coppice_envd.http.asgi import Receive, Scope, Send, send_json
+from coppice_envd.server import build_gateway, run_servers, serve_gateway
 from coppice_envd.testing import StaticLookup, make_sandbox
 
 REPO = Path(__file__).resolve().parent.parent

@@ -32,9 +32,10 @@ from pathlib import Path
 
 from benchlib import mount_overlay, percentile
 
-from coppice_envd.app import build_gateway, run_servers, serve_gateway
-from coppice_envd.interpreter.service import Interpreter, SandboxContexts
+from coppice_envd.interpreter.contexts import SandboxContexts
+from coppice_envd.interpreter.service import Interpreter
 from coppice_envd.sandboxes import SandboxView
+from coppice_envd.server import build_gateway, run_servers, serve_gateway
 from coppice_envd.testing import StaticLookup
 from coppice_jails.runtime.base import Jail, Limits
 from coppice_jails.runtime.linux import LinuxRuntime

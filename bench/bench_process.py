@@ -40,10 +40,10 @@ from connectrpc.request import Headers, RequestContext
 from e2b import AsyncSandbox, Sandbox
 from process import process_pb2 as pb
 
-from coppice_envd.app import build_gateway, run_servers, serve_gateway
 from coppice_envd.process.service import ProcessService
 from coppice_envd.request import RequestScope, enter_request
 from coppice_envd.sandboxes import SandboxView
+from coppice_envd.server import build_gateway, run_servers, serve_gateway
 from coppice_envd.testing import StaticLookup
 from coppice_jails.envd_facts import DEFAULT_PATH
 from coppice_jails.runtime.base import (

@@ -18,10 +18,11 @@ from pathlib import Path
 from coppice.settings import Settings
 from coppice_api.app import build_app, start_api
 from coppice_api.auth import ApiKeys, load_api_keys
-from coppice_envd.app import Gateway, build_gateway, serve_gateway
+from coppice_envd.app import Gateway
 from coppice_envd.interpreter.service import Interpreter
 from coppice_envd.process.service import ProcessService
 from coppice_envd.sandboxes import SandboxLookup, SandboxView
+from coppice_envd.server import build_gateway, serve_gateway
 from coppice_jails.manager import LiveSandbox, SandboxManager
 from coppice_jails.registry import Registry
 from coppice_jails.runtime.base import Runtime

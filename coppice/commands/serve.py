@@ -11,7 +11,7 @@ from coppice.commands.env import client_env
 from coppice.serve import serve
 from coppice.settings import Settings
 from coppice_api.auth import ApiKeys
-from coppice_envd.app import run_servers
+from coppice_envd.server import run_servers
 
 
 def run_serve(settings: Settings) -> int:

@@ -27,7 +27,8 @@ from fixtures import REPO
 from fixtures.gateway import RunningGateway, start_gateway
 from packaging.version import Version
 
-from coppice_envd.interpreter.service import KEEPALIVE_SECONDS, Interpreter, result_item
+from coppice_envd.interpreter.contexts import result_item
+from coppice_envd.interpreter.service import KEEPALIVE_SECONDS, Interpreter
 from coppice_envd.sandboxes import SandboxView
 from coppice_envd.testing import StaticLookup
 from coppice_jails.runtime.base import Jail, Limits

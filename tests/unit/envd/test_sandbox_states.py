@@ -9,8 +9,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from coppice_envd.app import Gateway, build_gateway
+from coppice_envd.app import Gateway
 from coppice_envd.http.asgi import Message
+from coppice_envd.server import build_gateway
 from coppice_envd.testing import StaticLookup, make_sandbox
 from coppice_jails.testing import FakeJail
 
