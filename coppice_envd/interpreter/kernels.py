@@ -48,6 +48,7 @@ _LAST_WORDS_SECONDS = 0.05
 _PORT_ATTEMPTS = 3
 _OUTPUT_TAIL = 4096  # bytes of the kernel's own stdout/stderr kept to explain a failed start
 _BASH_KERNEL_FILE = "bash_kernel.py"
+_RICH_DISPLAY_FILE = "rich_display.py"  # E2B's rich results (`e2b/chart`, `e2b/data`, images)
 
 Message = dict[str, Any]
 
@@ -79,6 +80,8 @@ class KernelLanguage:
     # argv before `-f <connection file>`
     argv: tuple[str, ...]
     needs_bash_kernel: bool = False
+    # payload files the kernel reads at start, put into KERNEL_DIR first (readable by everyone)
+    startup_files: tuple[str, ...] = ()
 
 
 # Colors off and full reprs, as the official code-interpreter template configures IPython.
@@ -131,7 +134,11 @@ LANGUAGES: Mapping[str, KernelLanguage] = {
             f"{_QUICK_LOAD}{_QUICK_FLUSH}ipykernel.kernelapp.launch_new_instance()\n",
             *_IPYTHON_OPTIONS,
             *_KERNEL_OPTIONS,
+            # The display formatters and hooks E2B's template sets up with IPython startup files,
+            # from us rather than from the template, so no template and no user home need them.
+            f"--IPKernelApp.exec_files={KERNEL_DIR}/{_RICH_DISPLAY_FILE}",
         ),
+        startup_files=(_RICH_DISPLAY_FILE,),
     ),
     "bash": KernelLanguage(
         "bash",
@@ -201,6 +208,40 @@ def _install_bash_kernel(jail: Jail, user: User) -> None:
     payload = resources.files("coppice_envd.interpreter.payload")
     source = payload.joinpath(_BASH_KERNEL_FILE).read_bytes()
     _write_in_sandbox(jail, f"{KERNEL_DIR}/{_BASH_KERNEL_FILE}", source, user)
+
+
+def _install_startup_files(jail: Jail, names: Sequence[str]) -> None:
+    """Copy payload files into the sandbox's KERNEL_DIR, root's and readable by every user's
+    kernel; each replaced by a rename, so a kernel starting meanwhile reads a whole file. Blocking.
+    """
+    payload = resources.files("coppice_envd.interpreter.payload")
+    with jail.open_root() as confined:
+        parent_fd, dir_name = confined.parent(KERNEL_DIR)
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(dir_name, 0o711, dir_fd=parent_fd)
+        finally:
+            os.close(parent_fd)
+        for name in names:
+            source = payload.joinpath(name).read_bytes()
+            dir_fd, entry = confined.parent(f"{KERNEL_DIR}/{name}")
+            tmp = f".{entry}.{secrets.token_hex(8)}"
+            try:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                fd = os.open(tmp, flags, 0o644, dir_fd=dir_fd)
+                try:
+                    os.fchown(fd, 0, 0)
+                    os.fchmod(fd, 0o644)
+                    os.write(fd, source)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, entry, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dir_fd)
+                raise
+            finally:
+                os.close(dir_fd)
 
 
 def _remove_in_sandbox(jail: Jail, path: str) -> None:
@@ -358,6 +399,8 @@ class Kernel:
             )
             if language.needs_bash_kernel:
                 await asyncio.to_thread(_install_bash_kernel, jail, user)
+            if language.startup_files:
+                await asyncio.to_thread(_install_startup_files, jail, language.startup_files)
         except OSError as err:
             raise KernelStartError(f"cannot prepare the {language.name} kernel: {err}") from err
         argv: Sequence[str] = [*language.argv, "-f", connection_path]

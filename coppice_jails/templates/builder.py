@@ -1,6 +1,7 @@
 """Building a template's tree from a recipe: debootstrap minbase (or a copy of the parent),
-Debian packages with apt, npm from the registry, the default user. Blocking steps run in
-threads; commands run in private mount namespaces, so nothing they mount outlives them."""
+Debian packages with apt, npm from the registry, locked PyPI packages with pip, the default
+user. Blocking steps run in threads; commands run in private mount namespaces, so nothing they
+mount outlives them."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import stat
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from coppice_jails.templates.model import DEFAULT_USER, Progress, TemplateError
@@ -27,6 +29,7 @@ NPM_REGISTRY = "https://registry.npmjs.org"
 DEBIAN_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
 # Bump when the build steps (not the package lists) change, to invalidate cached builds.
 BUILDER_VERSION = 3
+PIP_STEP_VERSION = 1  # the same, for the pip step alone (only recipes with a lock rebuild)
 
 
 @dataclass(frozen=True)
@@ -59,21 +62,31 @@ NPM = NpmRelease(
 )
 
 
+def pip_lock_text(name: str) -> str:
+    """A PyPI lock shipped with the builder (package data, made by scripts/update-lock)."""
+    return resources.files("coppice_jails.templates").joinpath(name).read_text()
+
+
 @dataclass(frozen=True)
 class Recipe:
     """How to build a template: debootstrap minbase (parent None) or a copy of a parent, then
-    Debian packages (apt, no recommends) and, optionally, npm from the registry."""
+    Debian packages (apt, no recommends) and, optionally, npm from the registry and the PyPI
+    packages of a lock (`pip_lock`, a file next to this module: hashes and versions pinned)."""
 
     name: str
     parent: str | None
     packages: tuple[str, ...]
     npm: NpmRelease | None = None
+    pip_lock: str | None = None
 
     def digest(self) -> str:
         """Changes whenever what the builder would produce changes (parents included)."""
         parent = RECIPES[self.parent].digest() if self.parent else None
         npm = [self.npm.version, self.npm.integrity] if self.npm else None
-        spec = [BUILDER_VERSION, SUITE, self.name, parent, sorted(self.packages), npm]
+        spec: list[object] = [BUILDER_VERSION, SUITE, self.name, parent, sorted(self.packages), npm]
+        if self.pip_lock is not None:  # appended only here: recipes without one keep their digest
+            lock = pip_lock_text(self.pip_lock).encode()
+            spec.append(["pip", PIP_STEP_VERSION, hashlib.sha256(lock).hexdigest()])
         return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
 
 
@@ -95,15 +108,13 @@ RECIPES: Mapping[str, Recipe] = {
         ),
         npm=NPM,
     ),
+    # The kernel from Debian; numpy, pandas, matplotlib, pillow and e2b-charts from PyPI at
+    # E2B's versions (code-interpreter.in says why), into /usr/local.
     "code-interpreter-v1": Recipe(
         "code-interpreter-v1",
         "base",
-        (
-            "python3-ipykernel", "python3-numpy", "python3-pandas", "python3-matplotlib",
-            # Satisfies python3-fonttools' "scipy | munkres": without it apt picks scipy,
-            # which drags in pythran, gcc and python3-dev (several hundred MB).
-            "python3-munkres",
-        ),
+        ("python3-ipykernel",),
+        pip_lock="code-interpreter.lock",
     ),
 }  # fmt: skip
 
@@ -146,6 +157,8 @@ class TemplateBuilder:
             await self.install_npm(recipe.name, recipe.npm, rootfs, say)
         if parent_root is None:
             await self._add_default_user(recipe, rootfs, say)
+        if recipe.pip_lock is not None:
+            await self._pip_install(recipe, recipe.pip_lock, rootfs, say)
         await asyncio.to_thread(_tidy_apt, rootfs)
 
     async def _debootstrap(self, recipe: Recipe, rootfs: Path, say: Progress) -> None:
@@ -213,6 +226,57 @@ class TemplateBuilder:
             say,
         )  # fmt: skip
         await asyncio.to_thread(_link_npm, rootfs)
+
+    async def _pip_install(self, recipe: Recipe, lock: str, rootfs: Path, say: Progress) -> None:
+        """The lock's packages into the tree's /usr/local, with the tree's own pip; then
+        matplotlib's font cache for the default user, so no first plot pays for it."""
+        cache = self._cache_dir / "pip"
+        await asyncio.to_thread(cache.mkdir, parents=True, exist_ok=True)
+        lock_in_tree = rootfs / "tmp" / f"coppice-{lock}"
+        await asyncio.to_thread(lock_in_tree.write_text, pip_lock_text(lock))
+        say(f"[{recipe.name}] pip install --require-hashes -r {lock}")
+        try:
+            await run_logged(
+                [
+                    "unshare", "-m", "--propagation", "private",
+                    "sh", "-euc", _PIP_INSTALL_SCRIPT, "sh", str(rootfs), str(cache),
+                    f"/tmp/{lock_in_tree.name}",
+                ],
+                say,
+            )  # fmt: skip
+        finally:  # the mounts died with the namespace; their mount point stays behind
+            await asyncio.to_thread(lock_in_tree.unlink, missing_ok=True)
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread((rootfs / "var" / "cache" / "coppice-pip").rmdir)
+        # As the rest of /usr/local (base): writable by everyone, so `pip install -U` needs no sudo.
+        await asyncio.to_thread(_make_writable_by_all, rootfs / "usr" / "local")
+        say(f"[{recipe.name}] building matplotlib's font cache for {DEFAULT_USER}")
+        await run_logged(
+            [
+                "chroot", f"--userspec={DEFAULT_UID}:{DEFAULT_UID}", str(rootfs),
+                "env", f"HOME=/home/{DEFAULT_USER}",
+                "python3", "-c", "import matplotlib.font_manager",
+            ],
+            say,
+        )  # fmt: skip
+
+
+# Runs as `sh -euc SCRIPT sh ROOTFS CACHE LOCK` inside `unshare -m --propagation private`. The
+# lock is the whole closure: --no-deps and --ignore-installed install exactly it, whatever Debian
+# already has (Debian's copies stay, shadowed by /usr/local). Wheels only: no compiler in a tree.
+# pip in the tree trusts the host's CA bundle for the build, as the host's own downloads do (a
+# TLS-inspecting proxy's CA is in the host's bundle, not in the tree's fresh ca-certificates).
+_PIP_INSTALL_SCRIPT = r"""
+root=$1; cache=$2; lock=$3
+mkdir -p "$root/var/cache/coppice-pip"
+mount --bind "$cache" "$root/var/cache/coppice-pip"
+bundle=/etc/ssl/certs/ca-certificates.crt
+if [ -f "$bundle" ] && [ -f "$root$bundle" ]; then mount --bind "$bundle" "$root$bundle"; fi
+chroot "$root" python3 -m pip install --require-hashes --no-deps --ignore-installed \
+    --only-binary :all: --break-system-packages --root-user-action=ignore \
+    --disable-pip-version-check --no-warn-script-location --progress-bar off \
+    --cache-dir /var/cache/coppice-pip -r "$lock"
+"""
 
 
 # Runs as `sh -euc SCRIPT sh ROOTFS ARCHIVES PACKAGE...` inside `unshare -m --propagation

@@ -346,6 +346,25 @@ def test_recipes_digest_tracks_packages() -> None:
     assert RECIPES["code-interpreter-v1"].parent == "base"
 
 
+def test_code_interpreter_installs_a_hash_pinned_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe = RECIPES["code-interpreter-v1"]
+    assert recipe.pip_lock is not None
+    lock = templates.builder.pip_lock_text(recipe.pip_lock)
+    pins = {
+        line.split("==")[0]: line.split("==")[1].split()[0]
+        for line in lock.splitlines()
+        if "==" in line and not line.startswith(" ")
+    }
+    # e2b-charts needs numpy>=2.2 and matplotlib>=3.10: newer than Debian's, so from PyPI.
+    assert {"e2b-charts", "numpy", "pandas", "matplotlib", "pillow", "pydantic"} <= set(pins)
+    assert lock.count("--hash=sha256:") >= len(pins)
+    # The lock is part of the digest (a new lock rebuilds), and only of that recipe's.
+    before, base = recipe.digest(), RECIPES["base"].digest()
+    monkeypatch.setattr(templates.builder, "pip_lock_text", lambda name: lock + "# changed\n")
+    assert recipe.digest() != before
+    assert RECIPES["base"].digest() == base
+
+
 def _fake_npm_tarball(path: Path) -> NpmRelease:
     """A tarball laid out as npm's own (package/...), and the release that pins it."""
     path.parent.mkdir(parents=True)
