@@ -88,13 +88,10 @@ class ManagerLookup(SandboxLookup):
 class GatewayObserver:
     """Keeps the gateway's per-sandbox state in step with the manager: a new jail warms its
     default python kernel; a sandbox being killed has its responses in flight cut first, then
-    its processes and kernels dropped."""
+    all its gateway state (processes, kernels, watchers, metrics) closed."""
 
-    def __init__(
-        self, gateway: Gateway, processes: ProcessService, interpreter: Interpreter
-    ) -> None:
+    def __init__(self, gateway: Gateway, interpreter: Interpreter) -> None:
         self._gateway = gateway
-        self._processes = processes
         self._interpreter = interpreter
 
     async def sandbox_started(self, live: LiveSandbox) -> None:
@@ -104,9 +101,7 @@ class GatewayObserver:
         self._gateway.sandbox_ending(sandbox_id)
 
     async def sandbox_stopped(self, sandbox_id: str) -> None:
-        self._gateway.sandbox_stopped(sandbox_id)
-        await self._processes.forget(sandbox_id)
-        await self._interpreter.sandbox_stopped(sandbox_id)
+        await self._gateway.sandbox_stopped(sandbox_id)
 
 
 async def serve(settings: Settings, progress: Progress, ready: Callable[[ApiKeys], None]) -> None:
@@ -124,7 +119,7 @@ async def serve(settings: Settings, progress: Progress, ready: Callable[[ApiKeys
     interpreter = Interpreter()
     processes = ProcessService()
     gateway = build_gateway(ManagerLookup(manager), process=processes, interpreter=interpreter)
-    manager.add_observer(GatewayObserver(gateway, processes, interpreter))
+    manager.add_observer(GatewayObserver(gateway, interpreter))
     for line in await manager.start():
         log.info("reconcile: %s", line)
 

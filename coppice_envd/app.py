@@ -133,11 +133,11 @@ class Gateway:
         for response in self._responses.pop(sandbox_id, ()):
             response.cut = True
 
-    def sandbox_stopped(self, sandbox_id: str) -> None:
+    async def sandbox_stopped(self, sandbox_id: str) -> None:
         """The sandbox's jail has ended (routing no longer finds it): everything the gateway
-        keeps for it is forgotten and closed."""
+        keeps for it is forgotten at once, and closed by the time this returns."""
         self._ending.discard(sandbox_id)
-        self.sandboxes.sandbox_stopped(sandbox_id)
+        await self.sandboxes.closed(sandbox_id)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

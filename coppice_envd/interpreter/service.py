@@ -133,14 +133,14 @@ class ExecutionRequest:
 class Interpreter:
     """The ASGI app for port 49999 of every sandbox, and the kernels behind it.
 
-    The gateway calls it with the request's sandbox bound (`routing.current_sandbox()`). The
+    The gateway calls it with the request's sandbox bound (`request.current_sandbox()`). The
     composition root calls `sandbox_started` when a sandbox's jail starts (to warm its default
-    python kernel), `sandbox_stopped` when it is killed (not on a freezing pause: the kernels keep
-    their state through it), and `close` at shutdown (the gateway's lifespan does too). All on
-    the gateway's event loop. Kernels of a jail that ended without `sandbox_stopped` are noticed
-    and forgotten. Contexts belong to `sandboxes` (the gateway's, once `build_gateway` is given
-    this app), per sandbox id and Jail object: a new Jail for the same id (a resume that had to
-    start one) starts over.
+    python kernel) and `close` at shutdown (the gateway's lifespan does too). All on the
+    gateway's event loop. Contexts belong to `sandboxes` (the gateway's, once `build_gateway` is
+    given this app), per sandbox id and Jail object: they close with the sandbox's other state
+    when it stops (not on a freezing pause: the kernels keep their state through it), and a new
+    Jail for the same id (a resume that had to start one) starts over. Kernels of a jail that
+    ended unannounced are noticed and forgotten.
     """
 
     def __init__(self) -> None:
@@ -164,10 +164,6 @@ class Interpreter:
             return
         if wait:
             await self._warm_up(contexts)
-
-    async def sandbox_stopped(self, sandbox_id: str) -> None:
-        """Stop the sandbox's kernels and forget its contexts (and all its other state)."""
-        await self.sandboxes.closed(sandbox_id)
 
     async def close(self) -> None:
         """Stop every kernel (the gateway's lifespan shutdown calls this too; twice is fine)."""

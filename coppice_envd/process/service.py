@@ -133,10 +133,6 @@ class ProcessService:
         """The process table of a sandbox (a new one when the sandbox got a new jail)."""
         return self.sandboxes.get(sandbox, _TABLE)
 
-    async def forget(self, sandbox_id: str) -> None:
-        """The sandbox has stopped: wait until its processes (and all its state) are gone."""
-        await self.sandboxes.closed(sandbox_id)
-
     async def aclose(self) -> None:
         """Kill every process of every sandbox (the gateway is shutting down)."""
         await self.sandboxes.aclose()

@@ -74,8 +74,7 @@ async def test_a_stopped_sandboxs_watchers_and_metrics_are_closed_and_forgotten(
     sandbox.jail.cpu_usage_usec += 10**6
     assert (await call(gateway, "GET", "/metrics"))[1]["cpu_used_pct"] > 0
 
-    gateway.sandbox_stopped(sandbox.sandbox_id)
-    await gateway.sandboxes.closed(sandbox.sandbox_id)
+    await gateway.sandbox_stopped(sandbox.sandbox_id)
 
     assert open_fds() == before
     status, body = await call(gateway, "POST", f"{FS}/GetWatcherEvents", watcher)
