@@ -13,6 +13,38 @@ from fixtures import REPO
 PACKAGES = ("coppice", "coppice_api", "coppice_envd", "coppice_jails")
 
 PINNED: dict[str, list[str]] = {
+    # What the REST layer, the composition root and the tests use of the manager.
+    "coppice_jails.manager": [
+        "DEFAULT_TIMEOUT_SECONDS",
+        "MAX_TIMEOUT_SECONDS",
+        "Conflict",
+        "ConnectResult",
+        "CreateSpec",
+        "InvalidArgument",
+        "LiveSandbox",
+        "Metrics",
+        "NotFound",
+        "OperationFailed",
+        "SandboxError",
+        "SandboxManager",
+        "SandboxObserver",
+        "TemplateCatalog",
+        "TemplateNotFound",
+        "template_aliases",
+    ],
+    "coppice_jails.templates": [
+        "ALIASES",
+        "NPM",
+        "RECIPES",
+        "NpmRelease",
+        "Progress",
+        "Recipe",
+        "TemplateError",
+        "TemplateInfo",
+        "TemplateStore",
+        "UnknownTemplate",
+        "debian_mirror",
+    ],
     "coppice_jails.testing": [
         "BackendFailure",
         "Backends",
