@@ -15,6 +15,7 @@ from coppice.settings import (
     DEFAULT_GATEWAY_PORTS,
     DEFAULT_HOST,
     DEFAULT_TEMPLATES,
+    DEFAULT_TLS_PORT,
     STORAGE_KINDS,
     Settings,
 )
@@ -53,6 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_DOMAIN,
         help="sandbox domain returned to SDKs: hosts are <port>-<id>.<domain>",
     )
+    serve.add_argument(
+        "--tls",
+        action="store_true",
+        help="also serve the gateway over TLS (h2 and HTTP/1.1) on --tls-port, with a local CA "
+        "made in the data dir on the first start",
+    )
+    serve.add_argument(
+        "--tls-port", type=int, default=DEFAULT_TLS_PORT, help="(default: %(default)s)"
+    )
     serve.add_argument("--storage", choices=STORAGE_KINDS, default="auto")
     serve.add_argument("--zfs-dataset", help="parent dataset for --storage zfs, e.g. POOL/coppice")
     serve.add_argument(
@@ -86,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     env.add_argument("--gateway-port", type=int, default=DEFAULT_GATEWAY_PORTS[0])
     env.add_argument("--address", default="127.0.0.1")
     env.add_argument("--domain", default=DEFAULT_DOMAIN)
+    env.add_argument("--tls", action="store_true", help="the TLS gateway of `serve --tls`")
+    env.add_argument("--tls-port", type=int, default=DEFAULT_TLS_PORT)
+    env_format = env.add_mutually_exclusive_group()
+    env_format.add_argument(
+        "--shell", dest="format", action="store_const", const="shell", help="export lines (default)"
+    )
+    env_format.add_argument("--json", dest="format", action="store_const", const="json")
     return parser
 
 
@@ -128,7 +145,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "env":
         from coppice.commands.env import run_env
 
-        return run_env(args.data_dir, args.address, args.api_port, args.gateway_port, args.domain)
+        return run_env(
+            args.data_dir,
+            args.address,
+            args.api_port,
+            args.gateway_port,
+            args.domain,
+            tls_port=args.tls_port if args.tls else None,
+            as_json=args.format == "json",
+        )
     raise AssertionError(args.command)
 
 
@@ -146,6 +171,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         gateway_ports=args.gateway_ports,
         domain=args.domain,
         templates=tuple(filter(None, (n.strip() for n in args.templates.split(",")))),
+        tls=args.tls,
+        tls_port=args.tls_port,
     )
 
 

@@ -16,13 +16,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from coppice.settings import Settings
+from coppice.tls import ensure_tls
 from coppice_api.app import build_app, start_api
 from coppice_api.auth import ApiKeys, load_api_keys
 from coppice_envd.app import Gateway
 from coppice_envd.interpreter.service import Interpreter
 from coppice_envd.process.service import ProcessService
 from coppice_envd.sandboxes import SandboxLookup, SandboxView
-from coppice_envd.server import build_gateway, serve_gateway
+from coppice_envd.server import GatewayTls, build_gateway, serve_gateway
 from coppice_jails.manager import LiveSandbox, SandboxManager
 from coppice_jails.registry import Registry
 from coppice_jails.runtime.base import Runtime
@@ -124,6 +125,10 @@ async def serve(settings: Settings, progress: Progress, ready: Callable[[ApiKeys
         log.info("reconcile: %s", line)
 
     keys = await asyncio.to_thread(load_api_keys, data_dir)
+    tls = None
+    if settings.tls:
+        files = await asyncio.to_thread(ensure_tls, data_dir, settings.domain)
+        tls = GatewayTls(files.cert, files.key, ports=(settings.tls_port,))
     app = build_app(manager, keys.keys, settings.domain)
     api = await start_api(app, settings.host, settings.api_port)
 
@@ -138,7 +143,9 @@ async def serve(settings: Settings, progress: Progress, ready: Callable[[ApiKeys
 
     ready(keys)
     try:
-        await serve_gateway(gateway, settings.gateway_ports, settings.host, shutdown_trigger=stop)
+        await serve_gateway(
+            gateway, settings.gateway_ports, settings.host, tls=tls, shutdown_trigger=stop
+        )
     finally:
         with contextlib.suppress(Exception):
             await interpreter.close()

@@ -14,6 +14,9 @@ DEFAULT_HOST = "0.0.0.0"
 DEFAULT_API_PORT = 3000
 # One listener per envd port label; SDKs not told E2B_SANDBOX_URL dial these.
 DEFAULT_GATEWAY_PORTS = (ENVD_PORT, INTERPRETER_PORT)
+# `--tls`: one TLS listener for every sandbox port, where SDKs dial `https://<port>-<id>.<domain>`
+# (the Host names the port); the plain --gateway-ports stay as they are.
+DEFAULT_TLS_PORT = 443
 DEFAULT_DOMAIN = "coppice.lan"
 DEFAULT_TEMPLATES = ("base", "code-interpreter-v1")
 StorageKind = Literal["auto", "zfs", "overlay"]
@@ -32,6 +35,8 @@ class Settings:
     storage: StorageKind = "auto"  # auto: zfs when a dataset is given, else overlay
     zfs_dataset: str | None = None
     templates: tuple[str, ...] = DEFAULT_TEMPLATES  # built (once) before serving
+    tls: bool = False  # also serve the gateway over TLS, with a local CA (coppice/tls.py)
+    tls_port: int = DEFAULT_TLS_PORT
 
     @property
     def client_address(self) -> str:

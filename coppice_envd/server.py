@@ -8,6 +8,8 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import uvloop
@@ -190,9 +192,32 @@ def run_servers(main: Coroutine[Any, Any, _T]) -> _T:
         return runner.run(main)
 
 
-def gateway_config(binds: Iterable[str]) -> Config:
+@dataclass(frozen=True)
+class GatewayTls:
+    """TLS listeners of the gateway: on `ports` of the gateway's host, or on already bound
+    `sockets`, with this certificate chain and key (PEM files; the root made them)."""
+
+    cert: Path
+    key: Path
+    ports: Sequence[int] = ()
+    sockets: Sequence[socket.socket] = ()
+
+
+def gateway_config(
+    binds: Iterable[str], tls_binds: Iterable[str] = (), tls: GatewayTls | None = None
+) -> Config:
+    """`binds` serve plain HTTP (HTTP/1.1, h2c); `tls_binds`, with `tls`, HTTP/1.1 and h2 over
+    TLS, chosen by ALPN."""
     config = Config()
-    config.bind = list(binds)
+    if tls is not None:
+        # hypercorn's `bind` is TLS once a certificate is set; plain listeners go to
+        # `insecure_bind`, so one server (one lifespan) has both.
+        config.certfile = str(tls.cert)
+        config.keyfile = str(tls.key)
+        config.bind = list(tls_binds)
+        config.insecure_bind = list(binds)
+    else:
+        config.bind = list(binds)
     # hypercorn's default of 1000 sends GOAWAY mid-call on long-lived h2 (gRPC) connections.
     config.keep_alive_max_requests = 2147483647
     config.keep_alive_timeout = 640  # envd's IdleTimeout
@@ -201,20 +226,27 @@ def gateway_config(binds: Iterable[str]) -> Config:
     return config
 
 
+def _binds(host: str, ports: Sequence[int], sockets: Sequence[socket.socket]) -> list[str]:
+    if sockets:
+        # hypercorn closes what it is given: hand it duplicates, the caller keeps its sockets.
+        return [f"fd://{os.dup(sock.fileno())}" for sock in sockets]
+    address = f"[{host}]" if ":" in host else host
+    return [f"{address}:{port}" for port in ports]
+
+
 async def serve_gateway(
     app: ASGIApp,
     ports: Sequence[int] = (ENVD_PORT, INTERPRETER_PORT),
     host: str = "0.0.0.0",
     *,
     sockets: Sequence[socket.socket] = (),
+    tls: GatewayTls | None = None,
     shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
 ) -> None:
     """Serve `app` with hypercorn (HTTP/1.1 and h2c) on every port, or on already bound
-    `sockets` instead, until `shutdown_trigger` returns (default: SIGINT/SIGTERM)."""
-    if sockets:
-        # hypercorn closes what it is given: hand it duplicates, the caller keeps its sockets.
-        binds = [f"fd://{os.dup(sock.fileno())}" for sock in sockets]
-    else:
-        address = f"[{host}]" if ":" in host else host
-        binds = [f"{address}:{port}" for port in ports]
-    await serve(app, gateway_config(binds), shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
+    `sockets` instead, and over TLS as `tls` says, until `shutdown_trigger` returns (default:
+    SIGINT/SIGTERM)."""
+    binds = _binds(host, ports, sockets)
+    tls_binds = _binds(host, tls.ports, tls.sockets) if tls is not None else []
+    config = gateway_config(binds, tls_binds, tls)
+    await serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]

@@ -2,13 +2,39 @@
 
 from __future__ import annotations
 
+import json
+import shlex
+import sys
 from pathlib import Path
 
+from coppice.tls import TlsFiles, tls_files
 from coppice_api.auth import read_api_keys
 
+NO_KEY = "<no key yet: run coppice serve once>"
 
-def run_env(data_dir: Path, address: str, api_port: int, gateway_port: int, domain: str) -> int:
-    print(client_env(configured_api_key(data_dir), address, api_port, gateway_port, domain))
+
+def run_env(
+    data_dir: Path,
+    address: str,
+    api_port: int,
+    gateway_port: int,
+    domain: str,
+    *,
+    tls_port: int | None = None,
+    as_json: bool = False,
+) -> int:
+    tls = None
+    if tls_port is not None:
+        files = tls_files(data_dir)
+        if not (files.ca_cert.is_file() and files.bundle.is_file()):
+            print(
+                f"coppice env: no CA in {files.directory} yet: run `coppice serve --tls` once",
+                file=sys.stderr,
+            )
+            return 1
+        tls = (tls_port, files)
+    env = client_env(configured_api_key(data_dir), address, api_port, gateway_port, domain, tls)
+    print(json.dumps(env, indent=2) if as_json else export_lines(env))
     return 0
 
 
@@ -17,15 +43,31 @@ def configured_api_key(data_dir: Path) -> str | None:
     return next(iter(read_api_keys(data_dir)), None)
 
 
-def client_env(key: str | None, address: str, api_port: int, gateway_port: int, domain: str) -> str:
-    """Shell `export` lines that point an unmodified E2B SDK at this Coppice."""
-    key = key or "<no key yet: run coppice serve once>"
-    return "\n".join(
-        [
-            f"export E2B_API_KEY={key}",
-            f"export E2B_API_URL=http://{address}:{api_port}",
-            # One origin for every sandbox; the gateway routes on E2b-Sandbox-Id/-Port.
-            f"export E2B_SANDBOX_URL=http://{address}:{gateway_port}",
-            f"export E2B_DOMAIN={domain}",
-        ]
-    )
+def client_env(
+    key: str | None,
+    address: str,
+    api_port: int,
+    gateway_port: int,
+    domain: str,
+    tls: tuple[int, TlsFiles] | None = None,
+) -> dict[str, str]:
+    """The variables an unmodified E2B SDK needs to reach this Coppice; with `tls` (the TLS
+    port and the CA files), the sandboxes over TLS and how to trust our CA."""
+    env = {"E2B_DOMAIN": domain, "E2B_API_KEY": key or NO_KEY}
+    sandbox_url = f"http://{address}:{gateway_port}"
+    if tls is not None:
+        tls_port, files = tls
+        # Python (OpenSSL, and rustls via its native roots) reads one file *instead of* the
+        # system's roots, hence a bundle; Node adds this file to its own roots.
+        env["SSL_CERT_FILE"] = str(files.bundle)
+        env["NODE_EXTRA_CA_CERTS"] = str(files.ca_cert)
+        sandbox_url = f"https://{address}:{tls_port}"
+    # Until <port>-<id>.<domain> resolves here (wildcard DNS), SDKs are sent to one origin for
+    # every sandbox, which routes on the E2b-Sandbox-Id/-Port headers.
+    env["E2B_API_URL"] = f"http://{address}:{api_port}"
+    env["E2B_SANDBOX_URL"] = sandbox_url
+    return env
+
+
+def export_lines(env: dict[str, str]) -> str:
+    return "\n".join(f"export {name}={shlex.quote(value)}" for name, value in env.items())

@@ -7,9 +7,10 @@ import functools
 import logging
 
 from coppice.commands.console import progress
-from coppice.commands.env import client_env
+from coppice.commands.env import client_env, export_lines
 from coppice.serve import serve
 from coppice.settings import Settings
+from coppice.tls import tls_files
 from coppice_api.auth import ApiKeys
 from coppice_envd.server import run_servers
 
@@ -24,15 +25,23 @@ def run_serve(settings: Settings) -> int:
 
 def print_ready(settings: Settings, keys: ApiKeys) -> None:
     key = keys.keys[0]
+    tls = (settings.tls_port, tls_files(settings.data_dir)) if settings.tls else None
     env = client_env(
-        key, settings.client_address, settings.api_port, settings.gateway_ports[0], settings.domain
+        key,
+        settings.client_address,
+        settings.api_port,
+        settings.gateway_ports[0],
+        settings.domain,
+        tls,
     )
     note = "a new API key was created" if keys.created is not None else "API key"
+    listeners = ", ".join(f":{p}" for p in settings.gateway_ports)
+    if tls is not None:
+        listeners += f", TLS on :{settings.tls_port} (CA {tls[1].ca_cert})"
     print(
-        f"\ncoppice is serving: API on :{settings.api_port}, gateway on "
-        f"{', '.join(f':{p}' for p in settings.gateway_ports)}\n"
+        f"\ncoppice is serving: API on :{settings.api_port}, gateway on {listeners}\n"
         f"{note} (stored in {keys.source}): {key}\n"
         "Point an E2B SDK here with:\n\n"
-        f"{env}\n",
+        f"{export_lines(env)}\n",
         flush=True,
     )
