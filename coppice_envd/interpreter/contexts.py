@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import shlex
 import uuid
@@ -27,10 +28,11 @@ from coppice_envd.interpreter.kernels import (
     KernelLanguage,
     KernelStartError,
     Message,
+    installed_languages,
 )
 from coppice_envd.request import RequestScope
 from coppice_envd.sandboxes import SandboxView
-from coppice_jails.runtime.base import Jail, User
+from coppice_jails.runtime.base import Jail, JailError, User
 from coppice_jails.users import UnknownUser
 
 log = logging.getLogger(__name__)
@@ -108,16 +110,39 @@ def error_item(name: str, value: str, traceback: str) -> dict[str, Any]:
 
 
 def _env_code(language: str, assign: Mapping[str, str], remove: list[str]) -> str:
-    """Code that sets `assign` and unsets `remove` in the kernel's environment."""
+    """Code that sets `assign` and unsets `remove` in the kernel's environment (for java, as
+    upstream: its system properties, `System.getProperty`; a JVM cannot change its environment).
+    Names are checked identifiers; values go in as string literals of the language."""
     if language == "bash":
         lines = [f"export {k}={shlex.quote(v)}" for k, v in assign.items()]
         lines += [f"unset {k}" for k in remove]
-        return "\n".join(lines)
-    # repr() of str containers is a Python literal for any text (JSON's escapes of emoji are not).
-    return (
-        f"(lambda e: (e.update({dict(assign)!r}),"
-        f" [e.pop(k, None) for k in {list(remove)!r}]))(__import__('os').environ)"
-    )
+    elif language in ("javascript", "typescript"):
+        # A JSON string is a JavaScript string literal.
+        lines = [f"process.env[{json.dumps(k)}] = {json.dumps(v)};" for k, v in assign.items()]
+        lines += [f"delete process.env[{json.dumps(k)}];" for k in remove]
+        lines.append("void 0;")  # no result: nothing to publish late
+    elif language == "r":
+        # JSON's escapes are R's too, but not its \uD83D\uDE00 pairs: other characters verbatim.
+        lines = [
+            f"Sys.setenv(`{k}` = {json.dumps(v, ensure_ascii=False)})" for k, v in assign.items()
+        ]
+        lines += [f"Sys.unsetenv({json.dumps(k)})" for k in remove]
+        lines.append("invisible()")
+    elif language == "java":
+        # ASCII JSON: Java reads \uXXXX (and surrogate pairs) as JSON does, and JSON never
+        # escapes a quote, backslash or line break that way (Java would unescape them first).
+        lines = [
+            f"System.setProperty({json.dumps(k)}, {json.dumps(v)});" for k, v in assign.items()
+        ]
+        lines += [f"System.clearProperty({json.dumps(k)});" for k in remove]
+    else:
+        # repr() of str containers is a Python literal for any text (JSON's escapes of emoji
+        # are not).
+        return (
+            f"(lambda e: (e.update({dict(assign)!r}),"
+            f" [e.pop(k, None) for k in {list(remove)!r}]))(__import__('os').environ)"
+        )
+    return "\n".join(lines)
 
 
 # -- executions ------------------------------------------------------------------------------
@@ -336,6 +361,7 @@ class SandboxContexts:
         self.contexts: dict[str, Context] = {}
         self.defaults: dict[str, Context] = {}
         self._defaults_lock = asyncio.Lock()
+        self._defaults_made = False
         self._user: User | None = None
 
     async def user(self) -> User:
@@ -380,6 +406,25 @@ class SandboxContexts:
         context = Context(id=str(uuid.uuid4()), language=language, cwd=cwd, sandbox=self)
         self.contexts[context.id] = context
         return context
+
+    async def ensure_defaults(self) -> None:
+        """On first sight, a default context for each language whose kernel the sandbox has,
+        python first, as upstream lists them; their kernels start on first use."""
+        if self._defaults_made:
+            return
+        async with self._defaults_lock:
+            if self._defaults_made:
+                return
+            try:
+                languages = await asyncio.to_thread(installed_languages, self.jail)
+            except (OSError, JailError) as err:  # the jail is going away: python alone, as before
+                log.info("cannot look for kernels in %s: %s", self.view.sandbox_id, err)
+                languages = ["python"]
+            cwd = await self.default_cwd()
+            for language in languages:
+                if language not in self.defaults:
+                    self.defaults[language] = self.new_context(language, cwd)
+            self._defaults_made = True
 
     async def default_context(self, language: str) -> Context:
         """The language's default context, made (without waiting for its kernel) if missing."""

@@ -77,11 +77,20 @@ class KernelLanguage:
     """How one language's kernel is launched in the jail."""
 
     name: str
-    # argv before `-f <connection file>`
+    # argv before `<connection_flag> <connection file>`
     argv: tuple[str, ...]
     needs_bash_kernel: bool = False
     # payload files the kernel reads at start, put into KERNEL_DIR first (readable by everyone)
     startup_files: tuple[str, ...] = ()
+    connection_flag: str = "-f"
+    env: tuple[tuple[str, str], ...] = ()  # on top of the context's environment
+    # The kernel is installed in a sandbox when one of these paths exists there (a template
+    # without it has no default context of this language); empty: always, as python.
+    installed_paths: tuple[str, ...] = ()
+    # Seconds of quiet awaited after the reply and idle status: a kernel that publishes some
+    # output from another task may send it after both (it then carries the parent of whatever
+    # request is current, so the next request must not go out before it).
+    late_output_grace: float = 0.0
 
 
 # Colors off and full reprs, as the official code-interpreter template configures IPython.
@@ -151,6 +160,30 @@ LANGUAGES: Mapping[str, KernelLanguage] = {
             *_KERNEL_OPTIONS,
         ),
         needs_bash_kernel=True,
+    ),
+    **{
+        # One Deno kernel per context, TypeScript either way (plain JavaScript is TypeScript).
+        name: KernelLanguage(
+            name,
+            ("deno", "jupyter", "--kernel"),
+            connection_flag="--conn",
+            # Plain text/plain results (Deno.inspect colours them otherwise); no update check
+            # over the network at every start.
+            env=(("NO_COLOR", "1"), ("DENO_NO_UPDATE_CHECK", "1"), ("DENO_NO_PROMPT", "1")),
+            # Deno 2.9 publishes an execute_result now and then just after the idle status.
+            late_output_grace=0.03,
+            installed_paths=("/usr/local/bin/deno", "/usr/bin/deno"),
+        )
+        for name in ("javascript", "typescript")
+    },
+    "r": KernelLanguage(
+        "r",
+        ("R", "--no-save", "--no-restore", "--slave", "-e", "IRkernel::main()"),
+        connection_flag="--args",
+        installed_paths=(
+            "/usr/lib/R/site-library/IRkernel",
+            "/usr/local/lib/R/site-library/IRkernel",
+        ),
     ),
 }
 
@@ -244,6 +277,24 @@ def _install_startup_files(jail: Jail, names: Sequence[str]) -> None:
                 os.close(dir_fd)
 
 
+def installed_languages(jail: Jail) -> list[str]:
+    """The LANGUAGES whose kernel the sandbox has, in table order. Blocking."""
+    found: list[str] = []
+    with jail.open_root() as confined:
+        for name, language in LANGUAGES.items():
+            for path in language.installed_paths:
+                try:
+                    os.close(confined.open(path, os.O_PATH))
+                except OSError:
+                    continue
+                found.append(name)
+                break
+            else:
+                if not language.installed_paths:
+                    found.append(name)
+    return found
+
+
 def _remove_in_sandbox(jail: Jail, path: str) -> None:
     """Remove `path` from the sandbox if it is there. Blocking."""
     with contextlib.suppress(OSError), jail.open_root() as confined:
@@ -312,6 +363,14 @@ class KernelRun:
                 elif kind.endswith("_reply"):
                     replied = True
                     aborted = msg["content"].get("status") in ("aborted", "abort")
+                yield msg
+            grace = self._kernel.language.late_output_grace
+            while grace:
+                try:
+                    async with asyncio.timeout(grace):
+                        msg = await self.next()
+                except TimeoutError:
+                    break
                 yield msg
         finally:
             self.close()
@@ -403,9 +462,10 @@ class Kernel:
                 await asyncio.to_thread(_install_startup_files, jail, language.startup_files)
         except OSError as err:
             raise KernelStartError(f"cannot prepare the {language.name} kernel: {err}") from err
-        argv: Sequence[str] = [*language.argv, "-f", connection_path]
+        argv: Sequence[str] = [*language.argv, language.connection_flag, connection_path]
+        spec = ExecSpec(argv=argv, user=user, cwd=cwd, env={**env, **dict(language.env)})
         try:
-            process = await jail.exec(ExecSpec(argv=argv, user=user, cwd=cwd, env=dict(env)))
+            process = await jail.exec(spec)
         except JailError as err:  # ExecError, or the jail is gone
             await asyncio.to_thread(_remove_in_sandbox, jail, connection_path)
             raise KernelStartError(f"cannot start the {language.name} kernel: {err}") from err

@@ -175,10 +175,10 @@ class Interpreter:
 
     async def contexts(self, view: SandboxView) -> SandboxContexts:
         """The sandbox's contexts (HTTPError 500 without its default python context); on first
-        sight, the default python context comes first."""
+        sight, the default contexts come first (python's, then the other installed languages')."""
         contexts = self.sandboxes.get(view, self._contexts_kind)
         try:
-            await contexts.default_context("python")
+            await contexts.ensure_defaults()
         except KernelStartError as err:  # e.g. no such default user
             raise HTTPError(500, str(err)) from None
         return contexts

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import BinaryIO
 
 from coppice_jails.templates.model import DEFAULT_USER, Progress, TemplateError
 from coppice_jails.templates.run import run_logged
@@ -34,17 +35,20 @@ PIP_STEP_VERSION = 1  # the same, for the pip step alone (only recipes with a lo
 
 @dataclass(frozen=True)
 class NpmRelease:
-    """One npm release from the registry, pinned by its `dist.integrity` (sha512)."""
+    """One release of a package from the npm registry, pinned by its `dist.integrity` (sha512)."""
 
     version: str
-    integrity: str  # "sha512-<base64>", as `npm view npm@VERSION dist.integrity` prints it
+    integrity: str  # "sha512-<base64>", as `npm view PACKAGE@VERSION dist.integrity` prints it
+    package: str = "npm"  # scoped names too ("@deno/linux-x64-glibc")
 
     @property
     def tarball(self) -> str:
-        return f"npm-{self.version}.tgz"
+        """The file name in the download cache (a scoped package's scope folded in)."""
+        return f"{self.package.lstrip('@').replace('/', '-')}-{self.version}.tgz"
 
     def url(self, registry: str) -> str:
-        return f"{registry.rstrip('/')}/npm/-/{self.tarball}"
+        base = self.package.rpartition("/")[2]
+        return f"{registry.rstrip('/')}/{self.package}/-/{base}-{self.version}.tgz"
 
     def matches(self, data: bytes) -> bool:
         algorithm, _, expected = self.integrity.partition("-")
@@ -59,6 +63,17 @@ class NpmRelease:
 NPM = NpmRelease(
     "10.9.9",
     "sha512-1g+6jLQvaIuB4zwvHL7yrXuXcWZwDsCtBX8bbWDqbvJSSr9nPiDDWTHNgwXR27iIcTTW7v3A57hDW9RYv2W4Yg==",
+)
+
+
+# Deno's Jupyter kernel runs the javascript and typescript contexts (`deno jupyter --kernel`):
+# one static binary (96 MiB) from the npm registry's per-platform package of `deno`, where the
+# `deno` package itself fetches nothing else. E2B's IJavascript kernel needs a git checkout and
+# native builds; Deno's TypeScript needs no separate compiler step.
+DENO = NpmRelease(
+    "2.9.6",
+    "sha512-3md4TKLCuzsLDmfOoC5KN7NAZaxSVkMgm64vg6foD00JBADCpYS2/5QqXfzgnP5ZQz3iLP9vBQJtEgc116OAoQ==",
+    package="@deno/linux-x64-glibc",
 )
 
 
@@ -78,6 +93,7 @@ class Recipe:
     packages: tuple[str, ...]
     npm: NpmRelease | None = None
     pip_lock: str | None = None
+    deno: NpmRelease | None = None  # the binary of a `@deno/<platform>` package, in /usr/local/bin
 
     def digest(self) -> str:
         """Changes whenever what the builder would produce changes (parents included)."""
@@ -87,6 +103,8 @@ class Recipe:
         if self.pip_lock is not None:  # appended only here: recipes without one keep their digest
             lock = pip_lock_text(self.pip_lock).encode()
             spec.append(["pip", PIP_STEP_VERSION, hashlib.sha256(lock).hexdigest()])
+        if self.deno is not None:  # the same: recipes without Deno keep their digest
+            spec.append(["deno", self.deno.package, self.deno.version, self.deno.integrity])
         return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
 
 
@@ -113,8 +131,13 @@ RECIPES: Mapping[str, Recipe] = {
     "code-interpreter-v1": Recipe(
         "code-interpreter-v1",
         "base",
-        ("python3-ipykernel",),
+        (
+            "python3-ipykernel",
+            # R with IRkernel (E2B: R 4.5 from CRAN; bookworm has 4.2).
+            "r-base-core", "r-cran-irkernel",
+        ),
         pip_lock="code-interpreter.lock",
+        deno=DENO,
     ),
 }  # fmt: skip
 
@@ -155,6 +178,8 @@ class TemplateBuilder:
         await self._apt_install(recipe, rootfs, say)
         if recipe.npm is not None:
             await self.install_npm(recipe.name, recipe.npm, rootfs, say)
+        if recipe.deno is not None:
+            await self._install_deno(recipe.name, recipe.deno, rootfs, say)
         if parent_root is None:
             await self._add_default_user(recipe, rootfs, say)
         if recipe.pip_lock is not None:
@@ -226,6 +251,25 @@ class TemplateBuilder:
             say,
         )  # fmt: skip
         await asyncio.to_thread(_link_npm, rootfs)
+
+    async def _install_deno(
+        self, name: str, release: NpmRelease, rootfs: Path, say: Progress
+    ) -> None:
+        """The `deno` binary of a platform package into /usr/local/bin."""
+        cache = self._cache_dir / "npm"
+        url = release.url(self._npm_registry)
+        say(f"[{name}] deno {release.version} from {url}")
+        tarball = await asyncio.to_thread(_fetch_npm, release, url, cache, say)
+        await asyncio.to_thread(check_tar_members, tarball)
+        target = rootfs / "usr" / "local" / "bin"
+        await asyncio.to_thread(target.mkdir, parents=True, exist_ok=True)
+        await run_logged(
+            [
+                "tar", "-x", "-z", "--no-same-owner", "--strip-components=1",
+                "-f", str(tarball), "-C", str(target), "package/deno",
+            ],
+            say,
+        )  # fmt: skip
 
     async def _pip_install(self, recipe: Recipe, lock: str, rootfs: Path, say: Progress) -> None:
         """The lock's packages into the tree's /usr/local, with the tree's own pip; then
@@ -304,7 +348,7 @@ def _fetch_npm(release: NpmRelease, url: str, cache: Path, say: Progress) -> Pat
     cache.mkdir(parents=True, exist_ok=True)
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
-            data = response.read()
+            data = _read_with_progress(response, release.tarball, say)
     except OSError as e:
         raise TemplateError(f"cannot download {url}: {e}") from e
     if not release.matches(data):
@@ -314,6 +358,21 @@ def _fetch_npm(release: NpmRelease, url: str, cache: Path, say: Progress) -> Pat
     os.replace(tmp, path)
     say(f"{release.tarball}: downloaded {len(data)} bytes, sha512 verified")
     return path
+
+
+_PROGRESS_STEP = 16 << 20  # a line every 16 MiB: Deno's 40 MiB is otherwise a silent wait
+
+
+def _read_with_progress(response: BinaryIO, name: str, say: Progress) -> bytes:
+    chunks: list[bytes] = []
+    done = reported = 0
+    while chunk := response.read(1 << 20):
+        chunks.append(chunk)
+        done += len(chunk)
+        if done - reported >= _PROGRESS_STEP:
+            reported = done
+            say(f"{name}: {done >> 20} MiB…")
+    return b"".join(chunks)
 
 
 def _link_npm(rootfs: Path) -> None:

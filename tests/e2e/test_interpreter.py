@@ -353,8 +353,8 @@ def test_env_vars_apply_to_one_call(jails: Jails, gateway: RunningGateway) -> No
 
 
 def test_unsupported_language_is_a_clear_error(sandbox: Sandbox) -> None:
-    with pytest.raises(Exception, match="no javascript kernel"):
-        sandbox.run_code("1", language="js")
+    with pytest.raises(Exception, match="no cobol kernel"):
+        sandbox.run_code("1", language="cobol")
 
 
 def test_sandbox_without_ipykernel_answers_clearly(jails: Jails, gateway: RunningGateway) -> None:
@@ -478,7 +478,8 @@ def test_node_sdk(jails: Jails, gateway: RunningGateway) -> None:
         "error": "ZeroDivisionError",
         "env": "node",
         "bash": ["42\n"],
-        "contexts": ["python", "bash"],
+        # the default context of each installed language, then the one it created
+        "contexts": ["python", "bash", "javascript", "typescript", "r", "bash"],
         "timedOut": True,
         "after": "43",
     }
