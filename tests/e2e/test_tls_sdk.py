@@ -34,18 +34,17 @@ def tls_stack() -> Iterator[Stack]:
         yield stack
 
 
-def _coppice_env(stack: Stack) -> dict[str, str]:
+def _coppice_env_output(stack: Stack, output: str) -> str:
+    """`coppice env --tls OUTPUT` with the ports this stack was started with."""
     assert stack.tls_port is not None
-    argv: list[str | Path] = [COPPICE, "env", "--data-dir", str(stack.data_dir), "--json", "--tls"]
+    argv: list[str | Path] = [COPPICE, "env", "--data-dir", str(stack.data_dir), output, "--tls"]
     argv += ["--tls-port", str(stack.tls_port), "--api-port", str(stack.api_port)]
     argv += ["--gateway-port", str(stack.envd_port)]
-    result = subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    env: dict[str, str] = json.loads(result.stdout)
+    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+
+
+def _coppice_env(stack: Stack) -> dict[str, str]:
+    env: dict[str, str] = json.loads(_coppice_env_output(stack, "--json"))
     return env
 
 
@@ -72,6 +71,10 @@ def test_coppice_env_points_the_sdk_at_the_tls_gateway(tls_stack: Stack) -> None
         "E2B_API_URL": tls_stack.api_url,
         "E2B_SANDBOX_URL": f"https://127.0.0.1:{tls_stack.tls_port}",
     }
+
+
+def test_the_serve_banner_prints_what_coppice_env_prints(tls_stack: Stack) -> None:
+    assert _coppice_env_output(tls_stack, "--shell") in tls_stack.log_path.read_text()
 
 
 def test_the_python_sdk_runs_a_command_and_holds_files_over_tls(tls_stack: Stack) -> None:
