@@ -10,8 +10,10 @@ N sequential runs:
     `user`) — the floor of the SDK number;
   * the same Start called on the ProcessService object (no HTTP, no SDK);
   * `sandbox.commands.run("true")` with the sync Python SDK (target p50 <= 8 ms);
+  * the same over TLS (h2 by ALPN, as the SDK picks; the certificate of `coppice serve
+    --tls`), on a second listener of the same gateway (target: TLS adds <= 1 ms p50);
   * the same against a stand-in jail whose processes take no time: the cost of SDK, HTTP,
-    gateway and service alone;
+    gateway and service alone (plain HTTP/1.1, TLS with h2, TLS with HTTP/1.1);
 and then S concurrent `commands.run` streams with the async SDK, checking none is lost.
 Needs root.
 """
@@ -40,10 +42,11 @@ from connectrpc.request import Headers, RequestContext
 from e2b import AsyncSandbox, Sandbox
 from process import process_pb2 as pb
 
+from coppice.tls import ensure_tls
 from coppice_envd.process.service import ProcessService
 from coppice_envd.request import RequestScope, enter_request
 from coppice_envd.sandboxes import SandboxView
-from coppice_envd.server import build_gateway, run_servers, serve_gateway
+from coppice_envd.server import GatewayTls, build_gateway, run_servers, serve_gateway
 from coppice_envd.testing import StaticLookup
 from coppice_jails.envd_facts import DEFAULT_PATH
 from coppice_jails.runtime.base import (
@@ -139,10 +142,13 @@ def client_main(mode: str, url: str, sandbox_id: str, count: int) -> None:
         print(json.dumps(asyncio.run(sdk_concurrent(url, sandbox_id, count))))
 
 
-async def run_client(mode: str, url: str, sandbox_id: str, count: int) -> Any:
+async def run_client(
+    mode: str, url: str, sandbox_id: str, count: int, env: dict[str, str] | None = None
+) -> Any:
+    """The SDK in a child process, its environment this one's plus `env`."""
     child = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--client", mode, url, sandbox_id, str(count),
-        stdout=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, env={**os.environ, **(env or {})},
     )  # fmt: skip
     out, _ = await child.communicate()
     if child.returncode != 0:
@@ -193,7 +199,9 @@ async def main() -> None:
             "login": lambda: jail_run(jail, raw_login),
             "direct": lambda: service_run(service, view, sdk_request),
         }
-        samples: dict[str, list[float]] = {name: [] for name in [*measures, "sdk", "stack"]}
+        samples: dict[str, list[float]] = {
+            name: [] for name in [*measures, "sdk", "tls", "stack", "stack_tls", "stack_tls_h1"]
+        }
         for measure in measures.values():
             for _ in range(20):
                 await measure()
@@ -201,10 +209,21 @@ async def main() -> None:
         listener.bind(("127.0.0.1", 0))
         listener.listen(1024)
         url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        tls_listener = socket.socket()
+        tls_listener.bind(("127.0.0.1", 0))
+        tls_listener.listen(1024)
+        tls_url = f"https://127.0.0.1:{tls_listener.getsockname()[1]}"
+        certs = await asyncio.to_thread(ensure_tls, work / "data", "coppice.lan")
+        tls = GatewayTls(certs.cert, certs.key, sockets=[tls_listener])
+        # The SDK (rustls with the native roots) trusts what SSL_CERT_FILE names, as a client of
+        # `coppice serve --tls` is told by `coppice env`. Over TLS it picks h2 by ALPN (plain:
+        # HTTP/1.1); E2B_HTTP_VERSION=1.1 keeps HTTP/1.1, to tell TLS's cost from h2's.
+        trust = {"SSL_CERT_FILE": str(certs.bundle)}
+        trust_h1 = {**trust, "E2B_HTTP_VERSION": "1.1"}
         stopping = asyncio.Event()
         app = build_gateway(StaticLookup([instant, view]), process=service)
         server = asyncio.create_task(
-            serve_gateway(app, sockets=[listener], shutdown_trigger=stopping.wait)
+            serve_gateway(app, sockets=[listener], tls=tls, shutdown_trigger=stopping.wait)
         )
         try:
             # Rounds, so that the load of this shared machine drifting affects every row alike.
@@ -213,13 +232,23 @@ async def main() -> None:
                 for name, measure in measures.items():
                     samples[name] += [await timed(measure) for _ in range(per_round)]
                 samples["sdk"] += await run_client("sequential", url, sandbox_id, per_round)
+                samples["tls"] += await run_client(
+                    "sequential", tls_url, sandbox_id, per_round, trust
+                )
                 samples["stack"] += await run_client("sequential", url, "instant", per_round)
+                samples["stack_tls"] += await run_client(
+                    "sequential", tls_url, "instant", per_round, trust
+                )
+                samples["stack_tls_h1"] += await run_client(
+                    "sequential", tls_url, "instant", per_round, trust_h1
+                )
             concurrent = await run_client("concurrent", url, sandbox_id, args.streams)
         finally:
             stopping.set()
             await server
-            listener.detach()  # hypercorn closed it
-        host, in_jail, login, direct, sdk, stack = (samples[name] for name in samples)
+            listener.detach()  # hypercorn closed them
+            tls_listener.detach()
+        host, in_jail, login, direct, sdk, over_tls, stack, stack_tls, stack_h1 = samples.values()
 
         print(f"{'ms (n)':<44} {'p50':>8} {'p95':>8}   target")
         print(row(f"host spawn /bin/true ({len(host)})", host, "floor"))
@@ -229,7 +258,12 @@ async def main() -> None:
         print(row(f"SDK commands.run('true') ({len(sdk)})", sdk, "p50 <= 8 ms"))
         overhead = statistics.median(sdk) - statistics.median(login)
         print(f"{'  SDK p50 - its floor p50':<44} {overhead:>8.2f}")
+        print(row(f"SDK commands.run('true') over TLS ({len(over_tls)})", over_tls, "+<= 1 ms"))
+        tls_cost = statistics.median(over_tls) - statistics.median(sdk)
+        print(f"{'  TLS p50 - plain p50':<44} {tls_cost:>8.2f}")
         print(row(f"SDK commands.run, a process taking 0 s ({len(stack)})", stack, "our stack"))
+        print(row(f"  the same over TLS, h2 ({len(stack_tls)})", stack_tls, "our stack, TLS"))
+        print(row(f"  the same over TLS, HTTP/1.1 ({len(stack_h1)})", stack_h1, "TLS alone"))
         complete = int(concurrent["complete"])
         print(
             f"{args.streams} concurrent commands.run streams (async SDK): {complete} complete, "
