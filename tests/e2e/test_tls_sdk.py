@@ -1,5 +1,5 @@
-"""End to end: the official Python SDK reaches `coppice serve --tls`'s gateway over TLS, trusting
-our local CA only through what `coppice env --tls --json` prints."""
+"""End to end: the official Python and Node SDKs reach `coppice serve --tls`'s gateway over TLS,
+trusting our local CA only through what `coppice env --tls --json` prints."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fixtures import REPO
 from fixtures.stack import COPPICE, Stack, running_stack
 
 pytestmark = pytest.mark.slow
@@ -81,6 +82,21 @@ def test_the_python_sdk_runs_a_command_and_holds_files_over_tls(tls_stack: Stack
     result = _run_client(_coppice_env(tls_stack))
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout == "ok\nover tls\n"
+
+
+def test_the_node_sdk_trusts_our_ca_by_node_extra_ca_certs(tls_stack: Stack) -> None:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("E2B_", "SSL_CERT"))}
+    result = subprocess.run(
+        ["node", "envd_tour.mjs"],
+        cwd=REPO / "tests" / "node",
+        env={**environ, **_coppice_env(tls_stack)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["read"] == "written by node"
 
 
 def test_the_sdk_refuses_the_gateway_without_our_ca(tls_stack: Stack) -> None:
