@@ -85,7 +85,7 @@ class KernelLanguage:
     connection_flag: str = "-f"
     env: tuple[tuple[str, str], ...] = ()  # on top of the context's environment
     # The kernel is installed in a sandbox when one of these paths exists there (a template
-    # without it has no default context of this language); empty: always, as python.
+    # without it has no default context of this language, and no kernel warmed); empty: always.
     installed_paths: tuple[str, ...] = ()
     # Seconds of quiet awaited after the reply and idle status: a kernel that publishes some
     # output from another task may send it after both (it then carries the parent of whatever
@@ -133,6 +133,11 @@ _QUICK_FLUSH = (
     "_iostream.OutStream.flush = _flush_unless_idle\n"
     "del _iostream, _flush_unless_idle\n"
 )
+# Where ipykernel lands: Debian's python3-ipykernel, or pip into /usr/local (python and bash).
+_IPYKERNEL_PATHS = (
+    "/usr/lib/python3/dist-packages/ipykernel",
+    "/usr/local/lib/python3.11/dist-packages/ipykernel",
+)
 
 LANGUAGES: Mapping[str, KernelLanguage] = {
     "python": KernelLanguage(
@@ -148,6 +153,7 @@ LANGUAGES: Mapping[str, KernelLanguage] = {
             f"--IPKernelApp.exec_files={KERNEL_DIR}/{_RICH_DISPLAY_FILE}",
         ),
         startup_files=(_RICH_DISPLAY_FILE,),
+        installed_paths=_IPYKERNEL_PATHS,
     ),
     "bash": KernelLanguage(
         "bash",
@@ -160,6 +166,7 @@ LANGUAGES: Mapping[str, KernelLanguage] = {
             *_KERNEL_OPTIONS,
         ),
         needs_bash_kernel=True,
+        installed_paths=_IPYKERNEL_PATHS,
     ),
     **{
         # One Deno kernel per context, TypeScript either way (plain JavaScript is TypeScript).

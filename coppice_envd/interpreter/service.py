@@ -194,6 +194,9 @@ class Interpreter:
 
     async def _warm_up(self, contexts: SandboxContexts) -> None:
         try:
+            await contexts.ensure_defaults()
+            if "python" not in contexts.defaults:
+                return  # a template without ipykernel (base): nothing to warm, nothing to log
             await (await contexts.default_context("python")).ensure_started()
         except (KernelStartError, HTTPError) as err:
             log.info("no warm python kernel for %s: %s", contexts.view.sandbox_id, err)

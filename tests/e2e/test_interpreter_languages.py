@@ -155,3 +155,23 @@ def test_r_env_vars(sandbox: Sandbox) -> None:
 def test_created_r_context_honours_cwd(sandbox: Sandbox) -> None:
     context = sandbox.create_code_context(language="r", cwd="/tmp")
     assert sandbox.run_code("getwd()", context=context).results[0].text.strip() == '[1] "/tmp"'
+
+
+def test_a_template_without_kernels_lists_none_and_warms_none(coppice_stack: Stack) -> None:
+    env = coppice_stack.sdk_env()
+    base = Sandbox.create(
+        "base",
+        api_key=env["E2B_API_KEY"],
+        api_url=env["E2B_API_URL"],
+        sandbox_url=env["E2B_SANDBOX_URL"],
+        domain=env["E2B_DOMAIN"],
+        timeout=120,
+    )
+    try:
+        assert base.list_code_contexts() == []
+        time.sleep(1)  # a warm-up would have started (and failed) by now
+        assert f"no warm python kernel for {base.sandbox_id}" not in (
+            coppice_stack.log_path.read_text()
+        )
+    finally:
+        base.kill()
