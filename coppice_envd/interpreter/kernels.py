@@ -48,6 +48,7 @@ _LAST_WORDS_SECONDS = 0.05
 _PORT_ATTEMPTS = 3
 _OUTPUT_TAIL = 4096  # bytes of the kernel's own stdout/stderr kept to explain a failed start
 _BASH_KERNEL_FILE = "bash_kernel.py"
+_JAVA_KERNEL_FILES = ("java_kernel.py", "CoppiceJShell.java")  # our kernel over jdk.jshell
 _RICH_DISPLAY_FILE = "rich_display.py"  # E2B's rich results (`e2b/chart`, `e2b/data`, images)
 
 Message = dict[str, Any]
@@ -190,6 +191,24 @@ LANGUAGES: Mapping[str, KernelLanguage] = {
         installed_paths=(
             "/usr/lib/R/site-library/IRkernel",
             "/usr/local/lib/R/site-library/IRkernel",
+        ),
+    ),
+    # Our kernel over the JDK's jdk.jshell (payload/java_kernel.py): Debian packages no IJava.
+    "java": KernelLanguage(
+        "java",
+        (
+            "python3",
+            "-c",
+            f"{_QUICK_LOAD}{_QUICK_FLUSH}import runpy\n"
+            f"runpy.run_path('{KERNEL_DIR}/{_JAVA_KERNEL_FILES[0]}', run_name='__main__')\n",
+            "--IPKernelApp.log_level=ERROR",
+            *_KERNEL_OPTIONS,
+        ),
+        startup_files=_JAVA_KERNEL_FILES,
+        installed_paths=(
+            "/usr/bin/jshell",
+            "/usr/lib/jvm/java-17-openjdk-amd64/bin/jshell",
+            "/usr/lib/jvm/java-17-openjdk-arm64/bin/jshell",
         ),
     ),
 }

@@ -135,6 +135,8 @@ RECIPES: Mapping[str, Recipe] = {
             "python3-ipykernel",
             # R with IRkernel (E2B: R 4.5 from CRAN; bookworm has 4.2).
             "r-base-core", "r-cran-irkernel",
+            # Java for Coppice's jshell kernel (payload/java_kernel.py); E2B uses IJava.
+            "openjdk-17-jdk-headless",
         ),
         pip_lock="code-interpreter.lock",
         deno=DENO,

@@ -479,7 +479,7 @@ def test_node_sdk(jails: Jails, gateway: RunningGateway) -> None:
         "env": "node",
         "bash": ["42\n"],
         # the default context of each installed language, then the one it created
-        "contexts": ["python", "bash", "javascript", "typescript", "r", "bash"],
+        "contexts": ["python", "bash", "javascript", "typescript", "r", "java", "bash"],
         "timedOut": True,
         "after": "43",
     }

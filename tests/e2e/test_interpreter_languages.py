@@ -4,11 +4,14 @@ a real `coppice serve` on the built `code-interpreter-v1` template: javascript a
 state, output, errors, working directory and environment variables, and the default contexts
 `list_code_contexts` shows.
 
-One sandbox (with sandbox-wide variables) serves the module; each test keeps to its own names.
+One sandbox (with sandbox-wide variables) serves the module, but java gets its own: a JVM with
+jshell's compiler (about 100 MB) does not fit in 512 MB next to Deno's two kernels (about 180 MB
+each) and ipykernel. Each test keeps to its own names.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 
@@ -43,6 +46,15 @@ def sandbox(coppice_stack: Stack) -> Iterator[Sandbox]:
         sandbox.kill()
 
 
+@pytest.fixture(scope="module")
+def java_sandbox(coppice_stack: Stack) -> Iterator[Sandbox]:
+    sandbox = _create(coppice_stack, {"SANDBOX_WIDE": "from the sandbox"})
+    try:
+        yield sandbox
+    finally:
+        sandbox.kill()
+
+
 def _timed_first_run(sandbox: Sandbox, code: str, language: str) -> float:
     started = time.monotonic()
     execution = sandbox.run_code(code, language=language)
@@ -55,7 +67,7 @@ def _timed_first_run(sandbox: Sandbox, code: str, language: str) -> float:
 def test_default_contexts_per_installed_language(sandbox: Sandbox) -> None:
     languages = [context.language for context in sandbox.list_code_contexts()]
     assert languages[0] == "python"
-    assert {"python", "javascript", "typescript", "r", "bash"} <= set(languages)
+    assert {"python", "javascript", "typescript", "r", "bash", "java"} <= set(languages)
     assert len(languages) == len(set(languages))  # one default each
     assert {context.cwd for context in sandbox.list_code_contexts()} == {"/home/user"}
 
@@ -155,6 +167,73 @@ def test_r_env_vars(sandbox: Sandbox) -> None:
 def test_created_r_context_honours_cwd(sandbox: Sandbox) -> None:
     context = sandbox.create_code_context(language="r", cwd="/tmp")
     assert sandbox.run_code("getwd()", context=context).results[0].text.strip() == '[1] "/tmp"'
+
+
+# -- java ----------------------------------------------------------------------------------------
+
+
+def test_java_default_context(java_sandbox: Sandbox) -> None:
+    assert _timed_first_run(java_sandbox, "1", "java") < FIRST_RUN_BUDGET
+    hello = java_sandbox.run_code('System.out.println("Hello, World!")', language="java")
+    assert hello.logs.stdout == ["Hello, World!", "\n"]  # as IJava: text and line break apart
+    oops = java_sandbox.run_code('System.err.print("oops")', language="java")
+    assert oops.logs.stderr == ["oops"]
+    cwd = java_sandbox.run_code('System.getProperty("user.dir")', language="java")
+    assert cwd.results[0].text == "/home/user"
+    java_sandbox.run_code("int counter = 41;", language="java")
+    assert java_sandbox.run_code("counter + 1", language="java").text == "42"
+    assert java_sandbox.run_code('"a string"', language="java").text == "a string"  # toString
+    # Several snippets in one cell, a method declared and used later: the last value is the result.
+    java_sandbox.run_code("int twice(int n) { return 2 * n; }", language="java")
+    several = java_sandbox.run_code(
+        'String s = "x"; System.out.print(s); twice(counter)', language="java"
+    )
+    assert (several.logs.stdout, several.text) == (["x"], "82")
+    assert java_sandbox.run_code("new int[] {1, 2}", language="java").text == "int[2] { 1, 2 }"
+    assert java_sandbox.run_code("int nothing = 0;", language="java").results == []
+
+    thrown = java_sandbox.run_code('throw new IllegalStateException("bad thing")', language="java")
+    assert thrown.error is not None
+    assert (thrown.error.name, thrown.error.value) == (
+        "java.lang.IllegalStateException",
+        "bad thing",
+    )
+    uncompiled = java_sandbox.run_code("int broken = ;", language="java")
+    assert uncompiled.error is not None
+    assert uncompiled.error.name == "CompilationException"
+    stopped = java_sandbox.run_code(
+        'System.out.print("before"); int n = ; counter', language="java"
+    )
+    assert stopped.logs.stdout == ["before"]  # what ran before the failing snippet
+    assert stopped.error is not None
+    assert stopped.results == []
+    # State survived the errors.
+    assert java_sandbox.run_code("counter", language="java").text == "41"
+
+
+def test_java_env_vars(java_sandbox: Sandbox) -> None:
+    # As upstream, Java code reads environment variables as system properties.
+    read = 'System.getProperty("SANDBOX_WIDE")'
+    assert java_sandbox.run_code(read, language="java").text == "from the sandbox"
+    value = 'it\'s "quoted" \\ \\u0041 😀'
+    during = java_sandbox.run_code(
+        'System.getProperty("SANDBOX_WIDE") + " " + System.getProperty("JAVA_CALL").equals('
+        + json.dumps(value)
+        + ")",
+        language="java",
+        envs={"SANDBOX_WIDE": "overwritten", "JAVA_CALL": value},
+    )
+    assert during.text == "overwritten true"
+    after = java_sandbox.run_code(
+        'System.getProperty("SANDBOX_WIDE") + " " + System.getProperty("JAVA_CALL", "unset")',
+        language="java",
+    )
+    assert after.text == "from the sandbox unset"
+
+
+def test_created_java_context_honours_cwd(java_sandbox: Sandbox) -> None:
+    context = java_sandbox.create_code_context(language="java", cwd="/tmp")
+    assert java_sandbox.run_code('System.getProperty("user.dir")', context=context).text == "/tmp"
 
 
 def test_a_template_without_kernels_lists_none_and_warms_none(coppice_stack: Stack) -> None:
