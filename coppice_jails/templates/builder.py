@@ -238,37 +238,31 @@ class TemplateBuilder:
         self, name: str, release: NpmRelease, rootfs: Path, say: Progress
     ) -> None:
         """npm (and npx) in /usr/local, as a global `npm install -g npm` would put them."""
-        cache = self._cache_dir / "npm"
-        url = release.url(self._npm_registry)
-        say(f"[{name}] npm {release.version} from {url}")
-        tarball = await asyncio.to_thread(_fetch_npm, release, url, cache, say)
-        await asyncio.to_thread(check_tar_members, tarball)
         target = rootfs / "usr" / "local" / "lib" / "node_modules" / "npm"
-        await asyncio.to_thread(target.mkdir, parents=True, exist_ok=True)
-        await run_logged(
-            [
-                "tar", "-x", "-z", "--no-same-owner", "--strip-components=1",
-                "-f", str(tarball), "-C", str(target), "package/",
-            ],
-            say,
-        )  # fmt: skip
+        await self._unpack_npm_package(name, "npm", release, target, "package/", say)
         await asyncio.to_thread(_link_npm, rootfs)
 
     async def _install_deno(
         self, name: str, release: NpmRelease, rootfs: Path, say: Progress
     ) -> None:
         """The `deno` binary of a platform package into /usr/local/bin."""
-        cache = self._cache_dir / "npm"
-        url = release.url(self._npm_registry)
-        say(f"[{name}] deno {release.version} from {url}")
-        tarball = await asyncio.to_thread(_fetch_npm, release, url, cache, say)
-        await asyncio.to_thread(check_tar_members, tarball)
         target = rootfs / "usr" / "local" / "bin"
+        await self._unpack_npm_package(name, "deno", release, target, "package/deno", say)
+
+    async def _unpack_npm_package(
+        self, name: str, what: str, release: NpmRelease, target: Path, member: str, say: Progress
+    ) -> None:
+        """`member` of a registry tarball (fetched once into the cache, checked against its
+        pinned integrity and for members leaving the tree) into `target`, `package/` stripped."""
+        url = release.url(self._npm_registry)
+        say(f"[{name}] {what} {release.version} from {url}")
+        tarball = await asyncio.to_thread(_fetch_npm, release, url, self._cache_dir / "npm", say)
+        await asyncio.to_thread(check_tar_members, tarball)
         await asyncio.to_thread(target.mkdir, parents=True, exist_ok=True)
         await run_logged(
             [
                 "tar", "-x", "-z", "--no-same-owner", "--strip-components=1",
-                "-f", str(tarball), "-C", str(target), "package/deno",
+                "-f", str(tarball), "-C", str(target), member,
             ],
             say,
         )  # fmt: skip
