@@ -16,13 +16,6 @@ from coppice_jails.templates import NPM
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def sdk_env(coppice_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Stack:
-    for key, value in coppice_stack.sdk_env().items():
-        monkeypatch.setenv(key, value)
-    return coppice_stack
-
-
 def _free_host_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

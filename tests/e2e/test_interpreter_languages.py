@@ -25,13 +25,9 @@ FIRST_RUN_BUDGET = 5.0  # seconds; about 0.5-1 s on an idle machine, the bound l
 
 
 def _create(stack: Stack, envs: dict[str, str] | None = None) -> Sandbox:
-    env = stack.sdk_env()
     return Sandbox.create(
         "code-interpreter-v1",
-        api_key=env["E2B_API_KEY"],
-        api_url=env["E2B_API_URL"],
-        sandbox_url=env["E2B_SANDBOX_URL"],
-        domain=env["E2B_DOMAIN"],
+        **stack.sdk_options(),
         timeout=300,
         envs=envs,
     )
@@ -237,13 +233,9 @@ def test_created_java_context_honours_cwd(java_sandbox: Sandbox) -> None:
 
 
 def test_a_template_without_kernels_lists_none_and_warms_none(coppice_stack: Stack) -> None:
-    env = coppice_stack.sdk_env()
     base = Sandbox.create(
         "base",
-        api_key=env["E2B_API_KEY"],
-        api_url=env["E2B_API_URL"],
-        sandbox_url=env["E2B_SANDBOX_URL"],
-        domain=env["E2B_DOMAIN"],
+        **coppice_stack.sdk_options(),
         timeout=120,
     )
     try:

@@ -21,13 +21,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def sandbox(coppice_stack: Stack) -> Iterator[Sandbox]:
-    env = coppice_stack.sdk_env()
     sandbox = Sandbox.create(
         "code-interpreter-v1",
-        api_key=env["E2B_API_KEY"],
-        api_url=env["E2B_API_URL"],
-        sandbox_url=env["E2B_SANDBOX_URL"],
-        domain=env["E2B_DOMAIN"],
+        **coppice_stack.sdk_options(),
         timeout=300,
     )
     try:

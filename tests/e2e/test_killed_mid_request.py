@@ -15,13 +15,6 @@ from fixtures.stack import Stack
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def sdk_env(coppice_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Stack:
-    for key, value in coppice_stack.sdk_env().items():
-        monkeypatch.setenv(key, value)
-    return coppice_stack
-
-
 def test_a_command_of_a_killed_sandbox_raises_that_it_was_killed(sdk_env: Stack) -> None:
     sandbox = Sandbox.create(template="base", timeout=120)
     command = sandbox.commands.run("sleep 60", background=True)

@@ -8,19 +8,11 @@ import subprocess
 import sys
 import urllib.request
 
-import pytest
 from e2b import Sandbox
 from fixtures import REPO
 from fixtures.stack import COPPICE, Stack
 
 NODE_DIR = REPO / "tests" / "node"
-
-
-@pytest.fixture
-def sdk_env(coppice_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Stack:
-    for key, value in coppice_stack.sdk_env().items():
-        monkeypatch.setenv(key, value)
-    return coppice_stack
 
 
 def _run_client(stack: Stack, argv: list[str], cwd: os.PathLike[str] = REPO) -> str:
