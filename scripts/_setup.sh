@@ -33,7 +33,8 @@ setup_system() {
     apt_install \
         zfs zfs-fuse  zpool zfs-fuse  debootstrap debootstrap  unshare util-linux \
         nsenter util-linux  ip iproute2  cc gcc  /usr/include/stdio.h libc6-dev \
-        mount mount  tar tar  gzip gzip  /etc/ssl/certs/ca-certificates.crt ca-certificates
+        mount mount  tar tar  gzip gzip  /etc/ssl/certs/ca-certificates.crt ca-certificates \
+        nft nftables
     if [ "${1:-}" = dev ]; then
         apt_install node nodejs  npm npm  dnsmasq dnsmasq-base  git git  strace strace
     fi
