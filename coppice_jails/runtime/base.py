@@ -107,6 +107,9 @@ class Jail(abc.ABC):
     sandbox_id: str
     root: Path  # host path of the sandbox's root filesystem (its clone, without the jail's mounts)
     handle: str  # backend reference stored in the registry to re-attach after a restart
+    # Where the host reaches the jail's own listeners (any port): its network namespace's
+    # address, or loopback for a jail that shares the host's network.
+    address: str = "127.0.0.1"
 
     def open_root(self) -> ConfinedRoot:
         """The sandbox's files exactly as its processes see them, mounts included (its /tmp,
