@@ -36,7 +36,13 @@ setup_system() {
         mount mount  tar tar  gzip gzip  /etc/ssl/certs/ca-certificates.crt ca-certificates \
         nft nftables
     if [ "${1:-}" = dev ]; then
-        apt_install node nodejs  npm npm  dnsmasq dnsmasq-base  git git  strace strace
+        # The Go client (clients/go): Go, protoc and its Go plugins, grpc-go's sources; named
+        # protobuf 1-5, else apt satisfies grpc's dependency with 1-3, which predates APIv2.
+        apt_install node nodejs  npm npm  dnsmasq dnsmasq-base  git git  strace strace \
+            go golang-go  protoc protobuf-compiler  protoc-gen-go protoc-gen-go \
+            protoc-gen-go-grpc protoc-gen-go-grpc \
+            /usr/share/gocode/src/google.golang.org/grpc golang-google-grpc-dev \
+            /usr/share/gocode/src/google.golang.org/protobuf golang-github-golang-protobuf-1-5-dev
     fi
 }
 
