@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--tls-port", type=int, default=DEFAULT_TLS_PORT, help="(default: %(default)s)"
     )
+    serve.add_argument(
+        "--no-jail-network",
+        dest="jail_network",
+        action="store_false",
+        help="jails share the host's network instead of one namespace each (then their own "
+        "listeners are not reachable through the gateway, nor kept apart)",
+    )
     serve.add_argument("--storage", choices=STORAGE_KINDS, default="auto")
     serve.add_argument("--zfs-dataset", help="parent dataset for --storage zfs, e.g. POOL/coppice")
     serve.add_argument(
@@ -173,6 +180,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         templates=tuple(filter(None, (n.strip() for n in args.templates.split(",")))),
         tls=args.tls,
         tls_port=args.tls_port,
+        jail_network=args.jail_network,
     )
 
 

@@ -13,7 +13,6 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 from coppice.settings import Settings
 from coppice.tls import ensure_tls
@@ -47,14 +46,14 @@ def pick_storage(settings: Settings) -> Storage:
     return OverlayStorage(settings.data_dir / "overlay")
 
 
-def pick_runtime(data_dir: Path) -> Runtime:
+def pick_runtime(settings: Settings) -> Runtime:
     if sys.platform.startswith("freebsd"):
         from coppice_jails.runtime.freebsd import FreeBSDRuntime
 
         return FreeBSDRuntime()
     from coppice_jails.runtime.linux import LinuxRuntime
 
-    return LinuxRuntime(data_dir)
+    return LinuxRuntime(settings.data_dir, network=settings.jail_network)
 
 
 def sandbox_view(live: LiveSandbox) -> SandboxView:
@@ -116,7 +115,8 @@ async def serve(settings: Settings, progress: Progress, ready: Callable[[ApiKeys
         await templates.ensure(name, progress)
 
     registry = await Registry.open(data_dir)
-    manager = SandboxManager(registry, storage, pick_runtime(data_dir), templates)
+    runtime = pick_runtime(settings)
+    manager = SandboxManager(registry, storage, runtime, templates)
     interpreter = Interpreter()
     processes = ProcessService()
     gateway = build_gateway(ManagerLookup(manager), process=processes, interpreter=interpreter)
@@ -151,4 +151,5 @@ async def serve(settings: Settings, progress: Progress, ready: Callable[[ApiKeys
             await interpreter.close()
         await api.cleanup()
         await manager.close()
+        await runtime.close()
         await registry.close()

@@ -18,6 +18,9 @@ DEFAULT_GATEWAY_PORTS = (ENVD_PORT, INTERPRETER_PORT)
 # (the Host names the port); the plain --gateway-ports stay as they are.
 DEFAULT_TLS_PORT = 443
 DEFAULT_DOMAIN = "coppice.lan"
+# `coppice dns`: where the wildcard resolver listens (resolv.conf's nameservers are port 53 only).
+DEFAULT_DNS_LISTEN = "127.0.0.1"
+DEFAULT_DNS_PORT = 53
 DEFAULT_TEMPLATES = ("base", "code-interpreter-v1")
 StorageKind = Literal["auto", "zfs", "overlay"]
 STORAGE_KINDS: tuple[StorageKind, ...] = get_args(StorageKind)
@@ -37,6 +40,8 @@ class Settings:
     templates: tuple[str, ...] = DEFAULT_TEMPLATES  # built (once) before serving
     tls: bool = False  # also serve the gateway over TLS, with a local CA (coppice/tls.py)
     tls_port: int = DEFAULT_TLS_PORT
+    # each jail in its own network namespace, reachable on any port through the gateway
+    jail_network: bool = True
 
     @property
     def client_address(self) -> str:

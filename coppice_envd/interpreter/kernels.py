@@ -1,8 +1,8 @@
 """Jupyter kernels running inside a sandbox's jail, driven from the gateway over ZeroMQ.
 
 The kernel is started with `Jail.exec`, so it runs confined, as the sandbox's user, under the
-sandbox's limits. Its connection file (ports on 127.0.0.1, which jails share with the host, and
-the HMAC key that signs every message) is written into the sandbox root through `ConfinedRoot`.
+sandbox's limits. Its connection file (ports on the jail's address, `Jail.address`, and the HMAC
+key that signs every message) is written into the sandbox root through `ConfinedRoot`.
 The gateway talks to it with jupyter_client's asyncio client; no Jupyter server is involved.
 
 Interrupts are `interrupt_request` messages on the control channel: a signal to whatever wrapper
@@ -215,7 +215,8 @@ LANGUAGES: Mapping[str, KernelLanguage] = {
 
 
 def _free_ports(count: int) -> list[int]:
-    """Ports nobody listens on right now (the kernel binds them moments later, as Jupyter does)."""
+    """Ports nobody on the host's loopback listens on right now (the kernel binds them moments
+    later, as Jupyter does; a jail with a network of its own has all but its user's free)."""
     sockets = []
     try:
         for _ in range(count):
@@ -228,11 +229,11 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
-def _connection_info() -> KernelConnectionInfo:
+def _connection_info(address: str) -> KernelConnectionInfo:
     shell, iopub, stdin, control, hb = _free_ports(5)
     return {
         "transport": "tcp",
-        "ip": "127.0.0.1",
+        "ip": address,
         "shell_port": shell,
         "iopub_port": iopub,
         "stdin_port": stdin,
@@ -476,7 +477,7 @@ class Kernel:
         env: Mapping[str, str],
         zmq_context: zmq.asyncio.Context,
     ) -> Kernel:
-        info = _connection_info()
+        info = _connection_info(jail.address)
         connection_path = f"{KERNEL_DIR}/kernel-{kernel_id}.json"
         try:
             await asyncio.to_thread(

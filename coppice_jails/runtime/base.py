@@ -163,3 +163,6 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     async def destroy_leftover(self, sandbox_id: str) -> None:
         """Kill and clean up a jail that no record owns."""
+
+    async def close(self) -> None:  # noqa: B027 (most runtimes keep nothing for later jails)
+        """Release what the runtime keeps ready for jails to come; running jails stay."""

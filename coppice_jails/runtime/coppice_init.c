@@ -1,9 +1,10 @@
 /*
  * coppice-init: PID 1 of a Coppice jail on Linux.
  *
- *   coppice-init ROOT HOSTNAME SOCKET CGROUP_PROCS_FILE...
+ *   coppice-init [--netns NETNS_FILE] ROOT HOSTNAME SOCKET CGROUP_PROCS_FILE...
  *
- * 1. Writes its own pid into every CGROUP_PROCS_FILE, so it and every descendant are confined.
+ * 1. Writes its own pid into every CGROUP_PROCS_FILE, so it and every descendant are confined;
+ *    with --netns, enters that network namespace (a bind mount the service prepared).
  * 2. unshare(mount, pid, uts, ipc) and fork: the child is PID 1 of the new pid namespace.
  *    The parent waits until the child is ready, prints the child's host pid on stdout and exits,
  *    so the jail outlives whoever started it (the service may restart; jails keep running).
@@ -518,10 +519,21 @@ static void hide_arguments(int argc, char **argv)
 
 int main(int argc, char **argv)
 {
-    if (argc < 4) {
-        fprintf(stderr, "usage: %s ROOT HOSTNAME SOCKET [CGROUP_PROCS_FILE...]\n", argv[0]);
+    const char *netns = NULL;
+    int first = 1; /* the first positional argument */
+    if (argc > 2 && strcmp(argv[1], "--netns") == 0) {
+        netns = argv[2];
+        first = 3;
+    }
+    if (argc - first < 3) {
+        fprintf(stderr, "usage: %s [--netns FILE] ROOT HOSTNAME SOCKET [CGROUP_PROCS_FILE...]\n",
+                argv[0]);
         return 2;
     }
+    char **all_argv = argv; /* all of it is hidden later */
+    int all_argc = argc;
+    argv += first - 1; /* from here on argv[1] is ROOT, as without --netns */
+    argc -= first - 1;
     char *root = strdup(argv[1]), *hostname = strdup(argv[2]), *sock_path = strdup(argv[3]);
     if (!root || !hostname || !sock_path) die(-1, "strdup");
     /* If the starter dies before the jail is ready, so does the jail: nothing half-made escapes
@@ -533,6 +545,11 @@ int main(int argc, char **argv)
     snprintf(self, sizeof self, "%d\n", getpid());
     for (int i = 4; i < argc; i++)
         if (write_file(argv[i], self) < 0) die(-1, argv[i]);
+    if (netns) {
+        int ns_fd = open(netns, O_RDONLY | O_CLOEXEC);
+        if (ns_fd < 0 || setns(ns_fd, CLONE_NEWNET) < 0) die(-1, "setns(network)");
+        close(ns_fd);
+    }
     if (unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC) < 0) die(-1, "unshare");
     int ready[2];
     if (pipe2(ready, O_CLOEXEC) < 0) die(-1, "pipe");
@@ -551,7 +568,7 @@ int main(int argc, char **argv)
     }
     close(ready[0]);
     if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0) die(ready[1], "prctl");
-    hide_arguments(argc, argv);
+    hide_arguments(all_argc, all_argv);
     sigset_t mask;
     sigemptyset(&mask);
     sigaddset(&mask, SIGCHLD);

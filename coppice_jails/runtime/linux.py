@@ -43,6 +43,7 @@ from coppice_jails.runtime.base import (
     WorkdirError,
 )
 from coppice_jails.runtime.cgroups import CgroupLayout, SandboxCgroups
+from coppice_jails.runtime.netns import Netns, NetnsPool
 
 INIT_SOURCE = Path(__file__).with_name("coppice_init.c")
 START_TIMEOUT_SECONDS = 30.0
@@ -69,9 +70,12 @@ def check_sandbox_id(sandbox_id: str) -> None:
 class LinuxRuntime(Runtime):
     name = "linux"
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, network: bool = False) -> None:
+        """With `network`, each jail gets its own network namespace (netns.py); without, jails
+        share the host's network."""
         self.data_dir = data_dir
         self.run_dir = data_dir / "run"
+        self.networks = NetnsPool(self.run_dir) if network else None
         self._init_lock = asyncio.Lock()
         self._init_path: Path | None = None
         self._layout: CgroupLayout | None = None
@@ -83,15 +87,36 @@ class LinuxRuntime(Runtime):
         socket_path = self._socket_path(sandbox_id)
         root = await asyncio.to_thread(root.resolve)
         await asyncio.to_thread(self._prepare, cgroups, socket_path, limits)
-        argv = [str(init), str(root), sandbox_id, str(socket_path)]
-        argv += [str(p) for p in cgroups.procs_files]
+        networks, netns = self.networks, None
         try:
+            argv = [str(init)]
+            if networks is not None:
+                netns = await networks.acquire()
+                argv += ["--netns", str(netns.path)]
+            argv += [str(root), sandbox_id, str(socket_path)]
+            argv += [str(p) for p in cgroups.procs_files]
             # In a thread: nothing forks on the event loop, and no child watcher is involved.
             init_process = await asyncio.to_thread(_run_init, argv)
         except BaseException:
-            await asyncio.shield(asyncio.to_thread(_teardown, None, cgroups, socket_path))
+            await asyncio.shield(self._undo_start(cgroups, socket_path, netns))
             raise
-        return LinuxJail(sandbox_id, root, init_process, cgroups, socket_path)
+        address = None
+        if networks is not None and netns is not None:
+            await asyncio.shield(networks.entered(netns))
+            address = netns.jail_address
+        return LinuxJail(sandbox_id, root, init_process, cgroups, socket_path, address)
+
+    async def _undo_start(
+        self, cgroups: SandboxCgroups, socket_path: Path, netns: Netns | None
+    ) -> None:
+        await asyncio.to_thread(_teardown, None, cgroups, socket_path)
+        if netns is not None and self.networks is not None:
+            await self.networks.discard(netns)
+
+    async def close(self) -> None:
+        """Release what is kept ready for jails to come (running jails are left alone)."""
+        if self.networks is not None:
+            await self.networks.close()
 
     def _prepare(self, cgroups: SandboxCgroups, socket_path: Path, limits: Limits) -> None:
         # The socket path is claimed first (init replaces the placeholder with the socket) and
@@ -117,8 +142,11 @@ class LinuxRuntime(Runtime):
 
     async def attach(self, sandbox_id: str, root: Path, handle: str) -> LinuxJail | None:
         check_sandbox_id(sandbox_id)
+        # "pid:start time", and ":address" for a jail with a network of its own
+        pid_text, _, rest = handle.partition(":")
+        start_text, _, address = rest.partition(":")
         try:
-            pid, start_time = (int(part) for part in handle.split(":"))
+            pid, start_time = int(pid_text), int(start_text)
         except ValueError:
             raise JailError(f"not a linux jail handle: {handle!r}") from None
         cgroups = (await self._cgroup_layout()).sandbox(sandbox_id)
@@ -130,7 +158,9 @@ class LinuxRuntime(Runtime):
             return init if alive and socket_path.is_socket() and cgroups.exists() else None
 
         init = await asyncio.to_thread(find)
-        return None if init is None else LinuxJail(sandbox_id, root, init, cgroups, socket_path)
+        if init is None:
+            return None
+        return LinuxJail(sandbox_id, root, init, cgroups, socket_path, address or None)
 
     async def list_jails(self) -> list[str]:
         def scan() -> list[str]:
@@ -253,11 +283,15 @@ class LinuxJail(Jail):
         init: _InitProcess,
         cgroups: SandboxCgroups,
         socket_path: Path,
+        address: str | None = None,
     ) -> None:
         self.sandbox_id = sandbox_id
         self.root = root
         self.init_pid = init.pid
         self.handle = f"{init.pid}:{init.start_time}"
+        if address is not None:  # its own network namespace; else the host's loopback
+            self.address = address
+            self.handle += f":{address}"
         self._init = init
         self._cgroups = cgroups
         self._socket_path = socket_path

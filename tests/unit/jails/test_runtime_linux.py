@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from coppice_jails.runtime.base import (
     ExecSpec,
     ExitStatus,
     JailError,
+    JailProcess,
     Limits,
     ProcessNotFound,
     User,
@@ -696,3 +698,163 @@ async def test_start_failure_rolls_back(runtime: LinuxRuntime, tmp_path: Path) -
         await runtime.start(sandbox_id, tmp_path / "no-such-root", Limits())
     assert sandbox_id not in await runtime.list_jails()
     assert not any(d.exists() for d in cgroup_dirs(sandbox_id))
+
+
+# -- A network namespace per jail -----------------------------------------------------------------
+@pytest.fixture
+async def net_runtime(data_dir: Path, make_root: MakeRoot) -> AsyncIterator[LinuxRuntime]:
+    rt = LinuxRuntime(data_dir, network=True)
+    yield rt
+    for sandbox_id in await rt.list_jails():
+        if sandbox_id.startswith(_test_prefix):
+            await rt.destroy_leftover(sandbox_id)
+    await rt.close()
+
+
+CONNECT = """
+import socket, sys
+try:
+    data = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1).recv(100)
+    print("connected:", data.decode())
+except OSError as e:
+    print(type(e).__name__)
+"""
+SERVE_ONCE = """
+import socket
+s = socket.create_server(("0.0.0.0", 8001))
+print("listening", flush=True)
+conn, peer = s.accept()
+conn.sendall(b"hello from " + peer[0].encode())
+"""
+
+
+async def connect_from(jail: LinuxJail, address: str, port: int) -> str:
+    status, out, err = await run(jail, ["python3", "-c", CONNECT, address, str(port)])
+    assert status == ExitStatus(0), err
+    return out.strip()
+
+
+async def serve_once_in(jail: LinuxJail) -> JailProcess:
+    """A listener on port 8001 of the jail, answering one connection, once it listens."""
+    server = await jail.exec(ExecSpec(["python3", "-c", SERVE_ONCE], ROOT_USER, "/", ENV))
+    assert server.stdin_fd is not None
+    assert server.stderr_fd is not None
+    os.close(server.stdin_fd)
+    os.close(server.stderr_fd)
+    assert server.stdout_fd is not None
+    reader, transport = await pipe_reader(server.stdout_fd)
+    try:
+        assert await asyncio.wait_for(reader.readline(), HANG) == b"listening\n"
+    finally:
+        transport.close()
+    return server
+
+
+def host_side(jail: LinuxJail) -> str:
+    """The host's address on the jail's link (its gateway)."""
+    return str(ipaddress.ip_address(jail.address) - 1)
+
+
+def host_links() -> set[str]:
+    return set(os.listdir("/sys/class/net"))
+
+
+async def test_a_jail_listener_is_reached_at_the_jail_s_address(
+    net_runtime: LinuxRuntime, make_root: MakeRoot
+) -> None:
+    jail = await net_runtime.start(new_id(), make_root(), Limits())
+    assert jail.address.startswith("10.231.")
+    assert jail.handle.endswith(f":{jail.address}")
+    server = await serve_once_in(jail)
+    reader, writer = await asyncio.open_connection(jail.address, 8001)
+    assert await reader.read() == f"hello from {host_side(jail)}".encode()
+    writer.close()
+    assert await asyncio.wait_for(server.wait(), HANG) == ExitStatus(0)
+    server = await serve_once_in(jail)  # and its own loopback works
+    assert await connect_from(jail, "127.0.0.1", 8001) == "connected: hello from 127.0.0.1"
+    assert await asyncio.wait_for(server.wait(), HANG) == ExitStatus(0)
+    await jail.stop()
+
+
+async def test_jails_reach_neither_each_other_nor_host_services(
+    net_runtime: LinuxRuntime, make_root: MakeRoot
+) -> None:
+    a = await net_runtime.start(new_id(), make_root(), Limits())
+    b = await net_runtime.start(new_id(), make_root(), Limits())
+    server = await serve_once_in(b)
+    host_any = await asyncio.start_server(lambda r, w: w.close(), "0.0.0.0", 0)
+    host_loop = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    any_port = host_any.sockets[0].getsockname()[1]
+    loop_port = host_loop.sockets[0].getsockname()[1]
+    try:
+        assert await connect_from(a, b.address, 8001) in ("TimeoutError", "timeout")
+        assert await connect_from(a, host_side(a), any_port) in ("TimeoutError", "timeout")
+        assert await connect_from(a, host_side(b), any_port) in ("TimeoutError", "timeout")
+        assert await connect_from(a, "127.0.0.1", loop_port) == "ConnectionRefusedError"
+        assert await connect_from(a, "127.0.0.1", any_port) == "ConnectionRefusedError"
+        # ... while the host reaches b's listener
+        reader, writer = await asyncio.open_connection(b.address, 8001)
+        assert await reader.read() == f"hello from {host_side(b)}".encode()
+        writer.close()
+        assert await asyncio.wait_for(server.wait(), HANG) == ExitStatus(0)
+    finally:
+        host_any.close()
+        host_loop.close()
+        await a.stop()
+        await b.stop()
+
+
+@pytest.fixture
+def outside_host() -> Iterator[str]:
+    """An "outside" host in a network namespace of the test's own, linked to the host (TEST-NET-2
+    addresses), answering one connection on port 8001 with the address it saw; its address."""
+    ns, link = f"cpt{os.getpid()}", f"cpo{os.getpid() % 100000}"
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    ip("netns", "add", ns)
+    try:
+        ip("link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        ip("addr", "add", "198.51.100.1/30", "dev", link)
+        ip("link", "set", link, "up")
+        ip("-n", ns, "addr", "add", "198.51.100.2/30", "dev", "eth0")
+        ip("-n", ns, "link", "set", "eth0", "up")
+        command = ["ip", "netns", "exec", ns, sys.executable, "-c", SERVE_ONCE]
+        with subprocess.Popen(command, stdout=subprocess.PIPE) as server:
+            assert server.stdout is not None
+            assert server.stdout.readline() == b"listening\n"
+            yield "198.51.100.2"
+            server.kill()
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+async def test_outbound_traffic_is_masqueraded(
+    net_runtime: LinuxRuntime, make_root: MakeRoot, outside_host: str
+) -> None:
+    """The jail reaches an outside host, which sees the host's address on its link."""
+    jail = await net_runtime.start(new_id(), make_root(), Limits())
+    try:
+        assert await connect_from(jail, outside_host, 8001) == "connected: hello from 198.51.100.1"
+    finally:
+        await jail.stop()
+
+
+async def test_a_stopped_jail_leaves_no_network_behind(
+    net_runtime: LinuxRuntime, make_root: MakeRoot, data_dir: Path
+) -> None:
+    jail = await net_runtime.start(new_id(), make_root(), Limits())
+    shown = subprocess.run(
+        ["ip", "-o", "-4", "addr", "show", "to", host_side(jail)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    link = shown.stdout.split()[1]
+    assert link.startswith("cpj")
+    await net_runtime.close()  # the namespaces the pool kept ready go
+    assert list((data_dir / "run" / "netns").iterdir()) == []
+    assert link in host_links()
+    await jail.stop()
+    await wait_until(lambda: link not in host_links())
