@@ -11,6 +11,8 @@ from pathlib import Path
 from coppice.settings import (
     DEFAULT_API_PORT,
     DEFAULT_DATA_DIR,
+    DEFAULT_DNS_LISTEN,
+    DEFAULT_DNS_PORT,
     DEFAULT_DOMAIN,
     DEFAULT_GATEWAY_PORTS,
     DEFAULT_HOST,
@@ -110,6 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--shell", dest="format", action="store_const", const="shell", help="export lines (default)"
     )
     env_format.add_argument("--json", dest="format", action="store_const", const="json")
+
+    dns = add_parser(sub, "dns", "answer <domain> and *.<domain> with the gateway's address")
+    dns.add_argument(
+        "--domain",
+        default=DEFAULT_DOMAIN,
+        help="the sandbox domain; a port after it is ignored (default: %(default)s)",
+    )
+    dns.add_argument(
+        "--address",
+        default=Settings().client_address,
+        help="the gateway's address, the answer (default: %(default)s)",
+    )
+    dns.add_argument("--listen", default=DEFAULT_DNS_LISTEN, help="(default: %(default)s)")
+    dns.add_argument("--port", type=int, default=DEFAULT_DNS_PORT, help="(default: %(default)s)")
     return parser
 
 
@@ -161,6 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             tls_port=args.tls_port if args.tls else None,
             as_json=args.format == "json",
         )
+    if args.command == "dns":
+        from coppice.commands.dns import run_dns
+
+        return run_dns(args.domain, args.address, args.listen, args.port)
     raise AssertionError(args.command)
 
 
