@@ -11,6 +11,7 @@ import pytest
 # Fixture modules: their fixtures reach every test by name, with no import.
 pytest_plugins = [
     "fixtures.backends",
+    "fixtures.dns",
     "fixtures.stack",
     "fixtures.templates",
     "fixtures.zfs",
