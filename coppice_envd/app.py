@@ -1,15 +1,19 @@
 """The gateway: ONE ASGI app serving envd (and the code interpreter) for every sandbox
 (server.py builds it and runs its listeners).
 
-Per request, in order: CORS preflight → routing (Host / E2b headers / most recent; 502 if the
-sandbox is not live) → the handler set of the port (49983 envd, 49999 interpreter) → the access
-token gate → connectrpc (`process.Process`, `filesystem.Filesystem`, gRPC reflection; Connect,
-gRPC and gRPC-Web) or envd's HTTP routes.
+Per request, in order: `api.<domain>` goes to the lifecycle API (proxied to its listener) →
+CORS preflight → routing (Host / E2b headers / most recent; 502 if the sandbox is not live) →
+the traffic token gate (sandboxes without public traffic, every port but envd's) → the handler
+set of the port (49983 envd, 49999 interpreter, any other port proxied to the sandbox's own
+server, HTTP and WebSocket) → the access token gate → connectrpc (`process.Process`,
+`filesystem.Filesystem`, gRPC reflection; Connect, gRPC and gRPC-Web) or envd's HTTP routes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import json
 import logging
 import os
 import socket
@@ -34,12 +38,16 @@ from coppice_envd.http.asgi import (
     send_response,
 )
 from coppice_envd.permissions.auth import UNAUTHORIZED_MESSAGE, basic_auth_user, passes_token_gate
+from coppice_envd.proxy import Proxy, Target, UpstreamUnreachable
 from coppice_envd.request import RequestScope, enter_request
 from coppice_envd.routing import (
+    PORT_NOT_OPEN,
     SANDBOX_NOT_FOUND,
     Route,
     RoutingError,
+    is_api_host,
     route_request,
+    traffic_refusal,
 )
 from coppice_envd.sandboxes import SandboxLookup, SandboxStates
 from coppice_jails._libc import libc as _libc
@@ -54,6 +62,8 @@ _CORS_EXPOSED = (
     "X-Content-Type-Options"
 )
 _CORS_MAX_AGE = "7200"
+_NOSNIFF = [("x-content-type-options", "nosniff")]
+API_UNREACHABLE = "The sandbox API is not reachable"
 
 
 class ResponseCut(Exception):
@@ -66,10 +76,11 @@ class ResponseCut(Exception):
 class _Response:
     """One response in flight for a sandbox."""
 
-    __slots__ = ("cut",)
+    __slots__ = ("cors", "cut")
 
     def __init__(self) -> None:
         self.cut = False
+        self.cors = True  # envd's CORS headers are added; not to a proxied server's response
 
 
 _AF_UNSPEC_ADDRESS = struct.pack("H14x", socket.AF_UNSPEC)
@@ -113,7 +124,14 @@ class Gateway:
         interpreter: ASGIApp | None,
         sandboxes: SandboxStates,
         lifespan: ASGIApp,
+        proxy: Proxy | None = None,
+        api: Target | None = None,
+        domain: str = "",
+        host_ports: frozenset[int] = frozenset(),
     ) -> None:
+        """`proxy` forwards the sandboxes' other ports (and `api.<domain>` to `api`, the
+        lifecycle API's listener). `host_ports` are this service's own listeners: never proxied
+        to on a jail that shares the host's loopback (a request would come back to itself)."""
         self._lookup = lookup
         self._rpc_apps = rpc_apps  # "/<package>.<Service>" → app
         self._rpc_methods = rpc_methods
@@ -121,6 +139,11 @@ class Gateway:
         self._interpreter = interpreter
         self.sandboxes = sandboxes
         self._lifespan = lifespan
+        self._proxy = proxy or Proxy()
+        self._api = api
+        self._domain = domain
+        self._host_ports = host_ports
+        self._loopback: dict[str, bool] = {}
         self._responses: dict[str, set[_Response]] = {}  # sandbox id → responses in flight
         self._ending: set[str] = set()  # sandboxes being killed: gone for every new request
 
@@ -137,6 +160,7 @@ class Gateway:
         """The sandbox's jail has ended (routing no longer finds it): everything the gateway
         keeps for it is forgotten at once, and closed by the time this returns."""
         self._ending.discard(sandbox_id)
+        self._proxy.forget(sandbox_id)
         await self.sandboxes.closed(sandbox_id)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -145,10 +169,28 @@ class Gateway:
         elif scope["type"] == "http":
             await self._http(scope, receive, send)
         elif scope["type"] == "websocket":
-            await send({"type": "websocket.close", "code": 1008})
+            await self._websocket(scope, receive, send)
+
+    def _for_api(self, headers: dict[str, str]) -> bool:
+        return self._api is not None and is_api_host(headers.get("host", ""), self._domain)
+
+    async def _serve_api(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """`api.<domain>`: the lifecycle API answers, untouched (its own CORS, its own errors)."""
+        assert self._api is not None
+        try:
+            await self._proxy.forward(self._api, scope, receive, send)
+        except UpstreamUnreachable as e:
+            log.warning("the lifecycle API did not answer: %s", e)
+            await _refuse(scope, send, 502, {"code": 502, "message": API_UNREACHABLE})
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = request_headers(scope)
+        if self._for_api(headers):
+            try:
+                await self._serve_api(scope, receive, send)
+            except Exception:
+                log.exception("API request %s %s failed", scope["method"], scope["path"])
+            return
         started = False
         response = _Response()
 
@@ -159,8 +201,12 @@ class Gateway:
             if message["type"] == "http.response.start":
                 started = True
                 response_headers = message.get("headers", [])
-                if "origin" in headers and not any(
-                    name == b"access-control-allow-origin" for name, _ in response_headers
+                if (
+                    response.cors
+                    and "origin" in headers
+                    and not any(
+                        name == b"access-control-allow-origin" for name, _ in response_headers
+                    )
                 ):
                     message = {**message, "headers": [*response_headers, *_CORS]}
             await send(message)
@@ -189,21 +235,26 @@ class Gateway:
         headers: dict[str, str],
         response: _Response,
     ) -> None:
-        method = scope["method"]
-        if (
-            method == "OPTIONS"
+        preflight = (
+            scope["method"] == "OPTIONS"
             and "origin" in headers
-            and "access-control-request-method" in (headers)
-        ):
-            await _preflight(send, headers)
-            return
+            and "access-control-request-method" in headers
+        )
         server = scope.get("server")
         try:
             route = route_request(headers, server[1] if server else None, self._lookup)
             if route.sandbox.sandbox_id in self._ending:
                 raise RoutingError(SANDBOX_NOT_FOUND, route.sandbox.sandbox_id)
         except RoutingError as e:
-            await send_json(send, 502, e.body(), [("x-content-type-options", "nosniff")])
+            if preflight:
+                await _preflight(send, headers)
+            else:
+                await send_json(send, 502, e.body(), _NOSNIFF)
+            return
+        if route.proxied:
+            response.cors = False  # the sandbox's server answers for itself, preflights too
+        elif preflight:
+            await _preflight(send, headers)
             return
         sandbox_id = route.sandbox.sandbox_id
         responses = self._responses.setdefault(sandbox_id, set())
@@ -219,6 +270,13 @@ class Gateway:
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], route: Route
     ) -> None:
         method, path = scope["method"], scope["path"]
+        refusal = traffic_refusal(route, headers)
+        if refusal is not None:
+            await send_json(send, 403, refusal)
+            return
+        if route.proxied:
+            await self._forward(route, scope, receive, send)
+            return
         request_scope = RequestScope(
             sandbox=route.sandbox, basic_user=basic_auth_user(headers.get("authorization"))
         )
@@ -247,6 +305,73 @@ class Gateway:
         await self._routes.dispatch(
             HTTPRequest.from_asgi(scope, receive, headers, request_scope), send
         )
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket: to the API, or to a sandbox's proxied port (envd serves none)."""
+        headers = request_headers(scope)
+        try:
+            if self._for_api(headers):
+                await self._serve_api(scope, receive, send)
+                return
+            server = scope.get("server")
+            try:
+                route = route_request(headers, server[1] if server else None, self._lookup)
+                if route.sandbox.sandbox_id in self._ending:
+                    raise RoutingError(SANDBOX_NOT_FOUND, route.sandbox.sandbox_id)
+            except RoutingError as e:
+                await _refuse(scope, send, 502, e.body())
+                return
+            refusal = traffic_refusal(route, headers)
+            if refusal is not None:
+                await _refuse(scope, send, 403, refusal)
+            elif route.proxied:
+                await self._forward(route, scope, receive, send)
+            else:
+                await send({"type": "websocket.close", "code": 1008})
+        except Exception:
+            log.exception("gateway websocket %s failed", scope["path"])
+
+    async def _forward(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
+        """To the server on the route's port inside the sandbox, at the jail's own address;
+        502 as E2B's proxy answers when nothing listens there."""
+        sandbox = route.sandbox
+        target = Target(sandbox.jail.address, route.port, sandbox.sandbox_id)
+        try:
+            if route.port in self._host_ports and self._is_loopback(target.host):
+                raise UpstreamUnreachable(f"{target.port} is one of the service's own ports")
+            await self._proxy.forward(target, scope, receive, send)
+        except UpstreamUnreachable as e:
+            log.debug("sandbox %s port %d: %s", sandbox.sandbox_id, route.port, e)
+            await _refuse(
+                scope, send, 502, RoutingError(PORT_NOT_OPEN, sandbox.sandbox_id, route.port).body()
+            )
+
+    def _is_loopback(self, host: str) -> bool:
+        loopback = self._loopback.get(host)
+        if loopback is None:
+            try:
+                loopback = ipaddress.ip_address(host).is_loopback
+            except ValueError:
+                loopback = host == "localhost"
+            self._loopback[host] = loopback
+        return loopback
+
+
+async def _refuse(scope: Scope, send: Send, status: int, body: dict[str, object]) -> None:
+    """An error as JSON; on a WebSocket handshake as its HTTP answer (where the server can give
+    one, else a close)."""
+    if scope["type"] == "http":
+        await send_json(send, status, body, _NOSNIFF)
+    elif "websocket.http.response" in scope.get("extensions", {}):
+        raw = json.dumps(body, separators=(",", ":")).encode() + b"\n"
+        headers = [
+            (b"content-type", b"application/json; charset=utf-8"),
+            (b"content-length", str(len(raw)).encode()),
+        ]
+        await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": raw, "more_body": False})
+    else:
+        await send({"type": "websocket.close", "code": 1008})
 
 
 _CORS = [

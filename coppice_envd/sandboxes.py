@@ -26,6 +26,8 @@ class SandboxView:
     default_user: str = "user"
     default_workdir: str | None = None
     env_vars: Mapping[str, str] = field(default_factory=dict)
+    # Created without public traffic: every port but envd's needs it (e2b-traffic-access-token).
+    traffic_access_token: str | None = None
 
     def global_env(self) -> dict[str, str]:
         """envd's global variables: the internal ones, then the sandbox's own (contract §1.4)."""

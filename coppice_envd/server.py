@@ -32,6 +32,7 @@ from coppice_envd.envd_api import routes as envd_http
 from coppice_envd.envd_api.routes import Routes
 from coppice_envd.filesystem.service import FilesystemService
 from coppice_envd.http.asgi import ASGIApp, Message, Receive, Scope, Send, serve_lifespan
+from coppice_envd.proxy import Proxy, Target
 from coppice_envd.rpc.codecs import GATEWAY_CODECS, GATEWAY_COMPRESSIONS
 from coppice_envd.sandboxes import SandboxLookup, SandboxStates, UsesSandboxStates
 from coppice_jails.envd_facts import ENVD_PORT, INTERPRETER_PORT
@@ -109,15 +110,16 @@ class _InterpreterLifespan:
                 await self._task
 
 
-def _lifespan(interpreter: ASGIApp | None, sandboxes: SandboxStates) -> ASGIApp:
+def _lifespan(interpreter: ASGIApp | None, sandboxes: SandboxStates, proxy: Proxy) -> ASGIApp:
     """The gateway's lifespan: the interpreter app's own runs alongside; at shutdown every
-    sandbox's state is closed first."""
+    sandbox's state is closed first, and the proxy's kept-alive connections."""
 
     async def lifespan(scope: Scope, receive: Receive, send: Send) -> None:
         interpreter_lifespan = await _InterpreterLifespan.start(interpreter, scope)
 
         async def shutdown() -> None:
             await sandboxes.aclose()
+            proxy.close()
             await interpreter_lifespan.shutdown()
 
         await serve_lifespan(receive, send, startup=interpreter_lifespan.startup, shutdown=shutdown)
@@ -135,9 +137,15 @@ def build_gateway(
     process: process_connect.Process | None,
     interpreter: ASGIApp | None = None,
     filesystem: FilesystemService | None = None,
+    api: tuple[str, int] | None = None,
+    domain: str = "",
+    host_ports: Iterable[int] = (),
 ) -> Gateway:
     """The gateway app. `process` may be None (its RPCs then answer `unimplemented`). The
-    services that keep per-sandbox state are handed the gateway's one owner of it."""
+    services that keep per-sandbox state are handed the gateway's one owner of it. With `api`
+    (host, port of the lifecycle API's listener), `api.<domain>` is proxied there; `host_ports`
+    are the service's own listeners, which no sandbox port may name while jails share the host's
+    loopback."""
     filesystem = filesystem or FilesystemService()
     metrics = envd_http.MetricsSampler()
     sandboxes = SandboxStates()
@@ -173,6 +181,7 @@ def build_gateway(
     routes.add("GET", "/metrics", metrics)
     routes.add("POST", "/init", envd_http.init)
     files.add_routes(routes)
+    proxy = Proxy()
     return Gateway(
         lookup,
         rpc_apps=rpc_apps,
@@ -181,7 +190,11 @@ def build_gateway(
         routes=routes,
         interpreter=interpreter,
         sandboxes=sandboxes,
-        lifespan=_lifespan(interpreter, sandboxes),
+        lifespan=_lifespan(interpreter, sandboxes, proxy),
+        proxy=proxy,
+        api=Target(api[0], api[1], "api") if api is not None else None,
+        domain=domain,
+        host_ports=frozenset(host_ports),
     )
 
 
@@ -222,6 +235,8 @@ def gateway_config(
     config.keep_alive_max_requests = 2147483647
     config.keep_alive_timeout = 640  # envd's IdleTimeout
     config.accesslog = None
+    # envd sends no Server header; and a proxied server's own must not get a second one.
+    config.include_server_header = False
     config.errorlog = logging.getLogger("hypercorn.error")
     return config
 
