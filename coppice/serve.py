@@ -65,6 +65,7 @@ def sandbox_view(live: LiveSandbox) -> SandboxView:
         default_user=live.template.user,
         default_workdir=live.template.workdir,
         env_vars={**live.template.env, **record.env_vars},
+        traffic_access_token=record.traffic_access_token,
     )
 
 
@@ -119,7 +120,21 @@ async def serve(settings: Settings, progress: Progress, ready: Callable[[ApiKeys
     manager = SandboxManager(registry, storage, runtime, templates)
     interpreter = Interpreter()
     processes = ProcessService()
-    gateway = build_gateway(ManagerLookup(manager), process=processes, interpreter=interpreter)
+    # The one listener for everything: api.<domain> is proxied to the API's own listener, which
+    # no sandbox port may name while a jail shares the host's loopback (nor the gateway's own).
+    own_ports = (
+        *settings.gateway_ports,
+        settings.api_port,
+        *((settings.tls_port,) if settings.tls else ()),
+    )
+    gateway = build_gateway(
+        ManagerLookup(manager),
+        process=processes,
+        interpreter=interpreter,
+        api=(settings.client_address, settings.api_port),
+        domain=settings.domain,
+        host_ports=own_ports,
+    )
     manager.add_observer(GatewayObserver(gateway, interpreter))
     for line in await manager.start():
         log.info("reconcile: %s", line)

@@ -105,6 +105,10 @@ _SCHEMAS: Schema = {
             "secure": {"type": "boolean"},
             "autoPause": {"type": "boolean"},
             "allow_internet_access": {"type": "boolean"},
+            "network": {
+                "type": "object",
+                "properties": {"allowPublicTraffic": {"type": "boolean"}},
+            },
         },
     },
     "Sandbox": {
@@ -159,6 +163,10 @@ _SCHEMAS: Schema = {
                     "envdAccessToken": {"type": "string"},
                     "domain": {"type": "string", "nullable": True},
                     "allowInternetAccess": {"type": "boolean", "nullable": True},
+                    "network": {
+                        "type": "object",
+                        "properties": {"allowPublicTraffic": {"type": "boolean"}},
+                    },
                     "lifecycle": {
                         "type": "object",
                         "required": ["autoResume", "onTimeout"],

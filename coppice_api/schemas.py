@@ -103,6 +103,21 @@ def _string_map(
     return cast(dict[str, str], value)
 
 
+def _allow_public_traffic(body: Mapping[str, Any]) -> bool | None:
+    """`network.allowPublicTraffic` (false: the sandbox's ports need its traffic token)."""
+    network = body.get("network")
+    if network is None:
+        return None
+    if not isinstance(network, dict):
+        raise BadRequest("Error when parsing request: network: must be an object")
+    value = network.get("allowPublicTraffic")
+    if value is not None and not isinstance(value, bool):
+        raise BadRequest(
+            "Error when parsing request: network.allowPublicTraffic: must be a boolean"
+        )
+    return value
+
+
 def create_spec(body: Mapping[str, Any], *, always_secure: bool) -> CreateSpec:
     """The create request; `always_secure` for the v2 API, where every sandbox is secured
     (gets an envd access token) and `secure` is ignored, as upstream."""
@@ -125,6 +140,7 @@ def create_spec(body: Mapping[str, Any], *, always_secure: bool) -> CreateSpec:
         secure=bool(optional_bool(body, "secure")) or always_secure,
         auto_pause=bool(optional_bool(body, "autoPause")),
         allow_internet_access=optional_bool(body, "allow_internet_access"),
+        allow_public_traffic=_allow_public_traffic(body),
     )
 
 
@@ -226,7 +242,7 @@ def sandbox_json(record: SandboxRecord, domain: str | None) -> dict[str, Any]:
         "clientID": record.client_id,
         "envdVersion": ENVD_VERSION,
         "domain": domain,
-        "trafficAccessToken": None,
+        "trafficAccessToken": record.traffic_access_token,
     }
     if record.alias:
         body["alias"] = record.alias
@@ -258,6 +274,8 @@ def sandbox_detail_json(record: SandboxRecord, domain: str | None) -> dict[str, 
     body = listed_sandbox_json(record)
     body["domain"] = domain
     body["allowInternetAccess"] = record.allow_internet_access
+    if record.traffic_access_token:
+        body["network"] = {"allowPublicTraffic": False}
     body["lifecycle"] = {
         "autoResume": False,
         "onTimeout": "pause" if record.auto_pause else "kill",

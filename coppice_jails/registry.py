@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     pids INTEGER,
     cpu_count INTEGER NOT NULL,
     memory_mb INTEGER NOT NULL,
-    disk_size_mb INTEGER NOT NULL
+    disk_size_mb INTEGER NOT NULL,
+    traffic_access_token TEXT
 );
 CREATE INDEX IF NOT EXISTS sandboxes_by_start ON sandboxes (started_at, id);
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -67,6 +68,10 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_by_sandbox ON events (sandbox_id, seq);
 """
+
+# Columns added since the first schema: (table, column, its definition), added to an older
+# database when it is opened (SQLite's ADD COLUMN; the new column is NULL in existing rows).
+_ADDED_COLUMNS = (("sandboxes", "traffic_access_token", "TEXT"),)
 
 # The event log is a short history, not an archive: older entries of a sandbox are dropped.
 EVENTS_KEPT_PER_SANDBOX = 1000
@@ -99,6 +104,8 @@ class SandboxRecord:
     cpu_count: int
     memory_mb: int
     disk_size_mb: int
+    # Created without public traffic: what the sandbox's ports (all but envd's) require.
+    traffic_access_token: str | None = None
 
 
 @dataclass(frozen=True)
@@ -162,7 +169,7 @@ def _decode_token(token: str) -> tuple[float, str]:
 _SANDBOX_COLUMNS = (
     "id, template, alias, storage_ref, jail_handle, state, started_at, end_at, metadata, "
     "env_vars, access_token, secure, auto_pause, allow_internet_access, client_id, "
-    "memory_bytes, cpu_millicores, pids, cpu_count, memory_mb, disk_size_mb"
+    "memory_bytes, cpu_millicores, pids, cpu_count, memory_mb, disk_size_mb, traffic_access_token"
 )
 
 
@@ -190,7 +197,16 @@ def _sandbox_from_row(row: sqlite3.Row) -> SandboxRecord:
         cpu_count=row["cpu_count"],
         memory_mb=row["memory_mb"],
         disk_size_mb=row["disk_size_mb"],
+        traffic_access_token=row["traffic_access_token"],
     )
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """Bring a database made by an older Coppice up to `_SCHEMA` (its tables exist already)."""
+    for table, column, definition in _ADDED_COLUMNS:
+        present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if column not in present:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
 
 def _snapshot_from_row(row: sqlite3.Row) -> SnapshotRecord:
@@ -228,6 +244,7 @@ class Registry:
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA busy_timeout=5000")
         db.executescript(_SCHEMA)
+        _add_missing_columns(db)
         self._db = db
 
     async def close(self) -> None:
@@ -269,6 +286,7 @@ class Registry:
             record.cpu_count,
             record.memory_mb,
             record.disk_size_mb,
+            record.traffic_access_token,
         )
         placeholders = ", ".join("?" * len(values))
         sql = f"INSERT INTO sandboxes ({_SANDBOX_COLUMNS}) VALUES ({placeholders})"

@@ -78,6 +78,9 @@ class Lifecycle(ManagerBase):
                 cpu_count=cpus,
                 memory_mb=memory_mb,
                 disk_size_mb=self.disk_size_mb,
+                traffic_access_token=(
+                    secrets.token_hex(32) if spec.allow_public_traffic is False else None
+                ),
             )
             await self.registry.insert_sandbox(record)
         await self._new_jail(LiveSandbox(record, jail, info))

@@ -83,6 +83,8 @@ class CreateSpec:
     secure: bool = False
     auto_pause: bool = False
     allow_internet_access: bool | None = None
+    # network.allowPublicTraffic: False gives the sandbox a traffic access token (E2B's rule).
+    allow_public_traffic: bool | None = None
 
 
 @dataclass(frozen=True)

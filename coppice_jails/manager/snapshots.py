@@ -127,6 +127,7 @@ class Snapshots(Lifecycle):
             secure=parent.secure,
             auto_pause=parent.auto_pause,
             allow_internet_access=parent.allow_internet_access,
+            allow_public_traffic=False if parent.traffic_access_token else None,
         )
         alias = parent.alias or parent.template
         results: builtins.list[SandboxRecord | SandboxError] = []

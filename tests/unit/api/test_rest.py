@@ -438,3 +438,32 @@ def test_api_key_is_created_once_and_kept_private(tmp_path: Path) -> None:
     assert read_api_keys(tmp_path, {}) == first.keys
     from_env = load_api_keys(tmp_path, {"COPPICE_API_KEYS": "a, b,,"})
     assert from_env.keys == ("a", "b")
+
+
+async def test_no_public_traffic_gives_a_traffic_token(api: Api) -> None:
+    """E2B's rule: `network.allowPublicTraffic: false` makes a traffic access token (the proxy
+    then asks for it on the sandbox's ports); otherwise there is none."""
+    open_body = await api.create(network={"allowPublicTraffic": True})
+    assert open_body["trafficAccessToken"] is None
+    assert (await api.create())["trafficAccessToken"] is None
+    body = await api.create(secure=True, network={"allowPublicTraffic": False})
+    token = body["trafficAccessToken"]
+    assert isinstance(token, str)
+    assert len(token) >= 32
+    assert token != body["envdAccessToken"]
+    assert (await api.manager.get(body["sandboxID"])).traffic_access_token == token
+    detail = await (await api.call("GET", f"/sandboxes/{body['sandboxID']}")).json()
+    assert detail["network"] == {"allowPublicTraffic": False}
+    connected = await api.call(
+        "POST", f"/sandboxes/{body['sandboxID']}/connect", json={"timeout": 60}
+    )
+    assert (await connected.json())["trafficAccessToken"] == token
+
+
+@pytest.mark.parametrize("network", [[], "no", {"allowPublicTraffic": "false"}])
+async def test_bad_network_is_400(api: Api, network: object) -> None:
+    response = await api.call(
+        "POST", "/v2/sandboxes", json={"templateID": "base", "network": network}
+    )
+    assert "network" in await error_of(response, 400)
+    api.assert_nothing_left()

@@ -140,3 +140,33 @@ async def test_two_connections_share_the_file_in_wal_mode(tmp_path: Path) -> Non
     finally:
         await first.close()
         await second.close()
+
+
+async def test_traffic_token_round_trips_and_old_databases_gain_its_column(
+    tmp_path: Path,
+) -> None:
+    # A database made before the column existed: opening it adds the column, rows keep NULL.
+    old_schema = registry_module._SCHEMA.replace(",\n    traffic_access_token TEXT", "")
+    assert old_schema != registry_module._SCHEMA
+    db = sqlite3.connect(tmp_path / Registry.FILENAME)
+    db.executescript(old_schema)
+    columns = registry_module._SANDBOX_COLUMNS.replace(", traffic_access_token", "")
+    db.execute(
+        f"INSERT INTO sandboxes ({columns}) VALUES ({', '.join('?' * 21)})",
+        ("old", "base", None, "/x", "h", "running", 1.0, 2.0, "{}", "{}", None, 0, 0, None,
+         "c", None, None, None, 1, 1, 1),
+    )  # fmt: skip
+    db.commit()
+    db.close()
+    registry = await Registry.open(tmp_path)
+    try:
+        old = await registry.get_sandbox("old")
+        assert old is not None
+        assert old.traffic_access_token is None
+        locked = replace(RECORD, traffic_access_token="t" * 64)
+        await registry.insert_sandbox(locked)
+        assert await registry.get_sandbox(RECORD.id) == locked
+    finally:
+        await registry.close()
+    reopened = await Registry.open(tmp_path)  # twice is fine
+    await reopened.close()
