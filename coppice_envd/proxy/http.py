@@ -40,8 +40,8 @@ def _request_headers(scope: Scope, target: Target, body: bytes, more: bool) -> R
     return headers
 
 
-async def _next_event(conn: Connection) -> object:
-    """The next event of the response, reading as needed; _Failed if it cannot come."""
+async def _next_event(conn: Connection, client: _ClientSide) -> object:
+    """The next event of the response head, reading as needed; _Failed if it cannot come."""
     while True:
         try:
             event = conn.http.next_event()
@@ -49,6 +49,7 @@ async def _next_event(conn: Connection) -> object:
             raise _Failed(str(e)) from e
         if event is not h11.NEED_DATA:
             return event
+        client.before_read()
         data = await conn.read()
         try:
             conn.http.receive_data(data)
@@ -56,9 +57,9 @@ async def _next_event(conn: Connection) -> object:
             raise _Failed(str(e)) from e
 
 
-async def _response_head(conn: Connection) -> h11.Response:
+async def _response_head(conn: Connection, client: _ClientSide) -> h11.Response:
     while True:
-        event = await _next_event(conn)
+        event = await _next_event(conn, client)
         if isinstance(event, h11.Response):
             return event
         if isinstance(event, h11.InformationalResponse):
@@ -74,8 +75,18 @@ class _ClientSide:
     def __init__(self, receive: Receive, conn: Connection, more: bool) -> None:
         self._receive = receive
         self._conn = conn
+        self._more = more
         self.finished = False  # the response has ended: a disconnect now is the normal one
-        self._task = asyncio.get_running_loop().create_task(self._run(more))
+        self._task: asyncio.Task[None] | None = None
+        self._reads = 0
+        if more:  # the body must flow while the response is awaited
+            self.start()
+
+    def start(self) -> None:
+        """Run from now on (a request without more body needs it only once a response is
+        slow to come: a small exchange then costs no task)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(self._more))
 
     async def _run(self, more: bool) -> None:
         conn = self._conn
@@ -99,9 +110,17 @@ class _ClientSide:
         except (OSError, h11.LocalProtocolError):
             conn.abort()  # the upstream went away or answered early: the response tells
 
+    def before_read(self) -> None:
+        """Called before each read of the response: from the second on, the client is watched
+        (one read is a small exchange's whole response)."""
+        if self._reads:
+            self.start()
+        self._reads += 1
+
     def stop(self) -> None:
         self.finished = True
-        self._task.cancel()
+        if self._task is not None:
+            self._task.cancel()
 
 
 async def forward_http(
@@ -129,7 +148,7 @@ async def forward_http(
             if not more:
                 conn.write(conn.http.send(h11.EndOfMessage()))
             client = _ClientSide(receive, conn, more)
-            response = await _response_head(conn)
+            response = await _response_head(conn, client)
         except (_Failed, OSError, h11.LocalProtocolError) as e:
             if client is not None:
                 client.stop()
@@ -179,6 +198,7 @@ async def _send_response(
             log.debug("upstream response cut short (%r)", event)
             conn.abort()
             return
+        client.start()
         with contextlib.suppress(h11.RemoteProtocolError):
             # at EOF h11 ends a read-until-close body; any other body is then cut short
             conn.http.receive_data(await conn.read())
