@@ -144,7 +144,7 @@ async def serve(settings: Settings, progress: Progress, ready: Callable[[ApiKeys
     if settings.tls:
         files = await asyncio.to_thread(ensure_tls, data_dir, settings.domain)
         tls = GatewayTls(files.cert, files.key, ports=(settings.tls_port,))
-    app = build_app(manager, keys.keys, settings.domain)
+    app = build_app(manager, keys.keys, settings.sandbox_domain)
     api = await start_api(app, settings.host, settings.api_port)
 
     stopping = asyncio.Event()

@@ -44,6 +44,17 @@ class Settings:
     jail_network: bool = True
 
     @property
+    def sandbox_domain(self) -> str:
+        """The domain SDKs are given (create/connect `domain`): with TLS on another port than
+        443, it carries the port, so that https://<port>-<id>.<domain> reaches that listener."""
+        return domain_with_port(self.domain, self.tls_port) if self.tls else self.domain
+
+    @property
     def client_address(self) -> str:
         """Where a client on this machine reaches the service."""
         return "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+
+
+def domain_with_port(domain: str, https_port: int) -> str:
+    """`domain`, or `domain:port` when https is not on its default port."""
+    return domain if https_port == 443 else f"{domain}:{https_port}"

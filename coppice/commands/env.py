@@ -7,6 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from coppice.settings import domain_with_port
 from coppice.tls import TlsFiles, tls_files
 from coppice_api.auth import read_api_keys
 
@@ -51,22 +52,28 @@ def client_env(
     domain: str,
     tls: tuple[int, TlsFiles] | None = None,
 ) -> dict[str, str]:
-    """The variables an unmodified E2B SDK needs to reach this Coppice; with `tls` (the TLS
-    port and the CA files), the sandboxes over TLS and how to trust our CA."""
-    env = {"E2B_DOMAIN": domain, "E2B_API_KEY": key or NO_KEY}
-    sandbox_url = f"http://{address}:{gateway_port}"
-    if tls is not None:
-        tls_port, files = tls
+    """The variables an unmodified E2B SDK needs to reach this Coppice. With `tls` (the TLS
+    port and the CA files) that is the domain — carrying the port unless it is 443, as the
+    SDKs dial https://api.<domain> and https://<port>-<id>.<domain> (wildcard DNS, README) —
+    and how to trust our CA. Without TLS the SDKs would still dial https, so they are sent to
+    plain-HTTP origins instead: the API's, and one for every sandbox, which routes on the
+    E2b-Sandbox-Id/-Port headers."""
+    if tls is None:
+        return {
+            "E2B_DOMAIN": domain,
+            "E2B_API_KEY": key or NO_KEY,
+            "E2B_API_URL": f"http://{address}:{api_port}",
+            "E2B_SANDBOX_URL": f"http://{address}:{gateway_port}",
+        }
+    tls_port, files = tls
+    return {
+        "E2B_DOMAIN": domain_with_port(domain, tls_port),
+        "E2B_API_KEY": key or NO_KEY,
         # Python (OpenSSL, and rustls via its native roots) reads one file *instead of* the
         # system's roots, hence a bundle; Node adds this file to its own roots.
-        env["SSL_CERT_FILE"] = str(files.bundle)
-        env["NODE_EXTRA_CA_CERTS"] = str(files.ca_cert)
-        sandbox_url = f"https://{address}:{tls_port}"
-    # Until <port>-<id>.<domain> resolves here (wildcard DNS), SDKs are sent to one origin for
-    # every sandbox, which routes on the E2b-Sandbox-Id/-Port headers.
-    env["E2B_API_URL"] = f"http://{address}:{api_port}"
-    env["E2B_SANDBOX_URL"] = sandbox_url
-    return env
+        "SSL_CERT_FILE": str(files.bundle),
+        "NODE_EXTRA_CA_CERTS": str(files.ca_cert),
+    }
 
 
 def export_lines(env: dict[str, str]) -> str:

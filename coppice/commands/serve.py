@@ -42,6 +42,12 @@ def print_ready(settings: Settings, keys: ApiKeys) -> None:
         f"\ncoppice is serving: API on :{settings.api_port}, gateway on {listeners}\n"
         f"{note} (stored in {keys.source}): {key}\n"
         "Point an E2B SDK here with:\n\n"
-        f"{export_lines(env)}\n",
+        f"{export_lines(env)}\n"
+        + (
+            f"\nand *.{settings.domain} resolving to this machine (README, Wildcard DNS; "
+            f"or `coppice dns --domain {settings.domain}`)\n"
+            if tls is not None
+            else ""
+        ),
         flush=True,
     )
