@@ -1,5 +1,8 @@
-"""End to end: the official Python and Node SDKs reach `coppice serve --tls`'s gateway over TLS,
-trusting our local CA only through what `coppice env --tls --json` prints."""
+"""End to end: the official Python and Node SDKs reach `coppice serve --tls`'s gateway with real
+URLs — https://api.<domain> and https://<port>-<id>.<domain>, names resolved by wildcard DNS
+(`coppice dns`, in a private mount namespace) — with nothing but what `coppice env --tls --json`
+prints: no URL override, no debug mode, our local CA trusted through SSL_CERT_FILE or
+NODE_EXTRA_CA_CERTS."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from fixtures import REPO
+from fixtures.dns import WildcardDns
 from fixtures.stack import COPPICE, Stack, running_stack
 
 pytestmark = pytest.mark.slow
@@ -26,6 +30,27 @@ with Sandbox.create(template="base", timeout=60) as sandbox:
     print(sandbox.commands.run("echo ok").stdout, end="")
     sandbox.files.write("/home/user/tls.txt", "over tls")
     print(sandbox.files.read("/home/user/tls.txt"))
+"""
+# The whole flow of the issue: ... and a server in the sandbox reached at get_host(port).
+FULL_FLOW = """
+import json, time, urllib.request
+from e2b_code_interpreter import Sandbox
+with Sandbox.create(template="code-interpreter-v1", timeout=120) as sandbox:
+    run = sandbox.commands.run("echo py-$((6 * 7))")
+    sandbox.files.write("/home/user/real-urls.txt", "via wildcard dns")
+    read = sandbox.files.read("/home/user/real-urls.txt")
+    execution = sandbox.run_code("21 * 2")
+    sandbox.commands.run("cd /home/user && python3 -m http.server 8001", background=True)
+    host = sandbox.get_host(8001)
+    for _ in range(100):
+        try:
+            with urllib.request.urlopen(f"https://{host}/", timeout=10) as response:
+                status, listing = response.status, response.read().decode()
+            break
+        except OSError:
+            time.sleep(0.1)
+    print(json.dumps({"stdout": run.stdout, "read": read, "result": execution.text,
+                      "host": host, "status": status, "listed": "real-urls.txt" in listing}))
 """
 
 
@@ -49,28 +74,32 @@ def _coppice_env(stack: Stack) -> dict[str, str]:
     return env
 
 
-def _run_client(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("E2B_", "SSL_CERT"))}
-    return subprocess.run(
-        [sys.executable, "-c", CLIENT],
-        env={**environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+def _client_environ(env: dict[str, str]) -> dict[str, str]:
+    """This process's environment less anything that could point an SDK elsewhere, plus `env`."""
+    prefixes = ("E2B_", "SSL_CERT", "NODE_EXTRA_CA")
+    return {**{k: v for k, v in os.environ.items() if not k.startswith(prefixes)}, **env}
+
+
+def _run_client(
+    dns: WildcardDns, env: dict[str, str], script: str = CLIENT
+) -> subprocess.CompletedProcess[str]:
+    return dns.run([sys.executable, "-c", script], env=_client_environ(env), timeout=180)
+
+
+def _flow_result(result: subprocess.CompletedProcess[str]) -> dict[str, object]:
+    assert result.returncode == 0, result.stdout + result.stderr
+    flow: dict[str, object] = json.loads(result.stdout.strip().splitlines()[-1])
+    return flow
 
 
 def test_coppice_env_points_the_sdk_at_the_tls_gateway(tls_stack: Stack) -> None:
     env = _coppice_env(tls_stack)
     tls = tls_stack.data_dir / "tls"
     assert env == {
-        "E2B_DOMAIN": "coppice.lan",
+        "E2B_DOMAIN": f"coppice.lan:{tls_stack.tls_port}",
         "E2B_API_KEY": tls_stack.api_key,
         "SSL_CERT_FILE": str(tls / "ca-bundle.pem"),
         "NODE_EXTRA_CA_CERTS": str(tls / "ca.pem"),
-        "E2B_API_URL": tls_stack.api_url,
-        "E2B_SANDBOX_URL": f"https://127.0.0.1:{tls_stack.tls_port}",
     }
 
 
@@ -78,32 +107,64 @@ def test_the_serve_banner_prints_what_coppice_env_prints(tls_stack: Stack) -> No
     assert _coppice_env_output(tls_stack, "--shell") in tls_stack.log_path.read_text()
 
 
-def test_the_python_sdk_runs_a_command_and_holds_files_over_tls(tls_stack: Stack) -> None:
-    result = _run_client(_coppice_env(tls_stack))
+def test_the_python_sdk_runs_a_command_and_holds_files_over_tls(
+    tls_stack: Stack, wildcard_dns: WildcardDns
+) -> None:
+    result = _run_client(wildcard_dns, _coppice_env(tls_stack))
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout == "ok\nover tls\n"
 
 
-def test_the_node_sdk_trusts_our_ca_by_node_extra_ca_certs(tls_stack: Stack) -> None:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("E2B_", "SSL_CERT"))}
-    result = subprocess.run(
+def test_python_real_urls_commands_files_code_and_get_host(
+    tls_stack: Stack, wildcard_dns: WildcardDns
+) -> None:
+    flow = _flow_result(_run_client(wildcard_dns, _coppice_env(tls_stack), FULL_FLOW))
+    host = str(flow.pop("host"))
+    assert host.startswith("8001-")
+    assert host.endswith(f".coppice.lan:{tls_stack.tls_port}")
+    assert flow == {
+        "stdout": "py-42\n", "read": "via wildcard dns", "result": "42", "status": 200,
+        "listed": True,
+    }  # fmt: skip
+
+
+def test_node_real_urls_commands_files_code_and_get_host(
+    tls_stack: Stack, wildcard_dns: WildcardDns
+) -> None:
+    result = wildcard_dns.run(
+        ["node", "real_urls.mjs"],
+        cwd=REPO / "tests" / "node",
+        env=_client_environ(_coppice_env(tls_stack)),
+    )
+    flow = _flow_result(result)
+    host = str(flow.pop("host"))
+    assert host.startswith("8001-")
+    assert host.endswith(f".coppice.lan:{tls_stack.tls_port}")
+    assert flow == {
+        "stdout": "node-42\n", "read": "via wildcard dns", "result": "42", "status": 200,
+        "listed": True,
+    }  # fmt: skip
+
+
+def test_the_node_sdk_trusts_our_ca_by_node_extra_ca_certs(
+    tls_stack: Stack, wildcard_dns: WildcardDns
+) -> None:
+    result = wildcard_dns.run(
         ["node", "envd_tour.mjs"],
         cwd=REPO / "tests" / "node",
-        env={**environ, **_coppice_env(tls_stack)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+        env=_client_environ(_coppice_env(tls_stack)),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])["read"] == "written by node"
 
 
-def test_the_sdk_refuses_the_gateway_without_our_ca(tls_stack: Stack) -> None:
+def test_the_sdk_refuses_the_gateway_without_our_ca(
+    tls_stack: Stack, wildcard_dns: WildcardDns
+) -> None:
     """With the system's roots alone (a bundle without our CA) the TLS handshake fails."""
     env = _coppice_env(tls_stack)
     env["SSL_CERT_FILE"] = "/etc/ssl/certs/ca-certificates.crt"
-    result = _run_client(env)
+    result = _run_client(wildcard_dns, env)
     assert result.returncode != 0
     assert "invalid peer certificate: UnknownIssuer" in result.stderr, result.stderr
 
