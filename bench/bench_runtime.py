@@ -3,8 +3,10 @@
     .venv/bin/python bench/bench_runtime.py [--rootfs DIR] [--runs N]
 
 Measures: exec of /bin/true in a jail (p50/p95) against a plain asyncio spawn of /bin/true on the
-host; jail start until the first exec is possible; create = overlay mount + start; stop; and the
-host memory an idle jail costs (its coppice-init and its cgroup's charge). Needs root.
+host; jail start until the first exec is possible; create = overlay mount + start, with the
+host's network and with a network namespace of its own (netns.py, from its pool), alternating in
+one run; stop; and the host memory an idle jail costs (its coppice-init and its cgroup's charge).
+Needs root.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ async def main() -> None:
         args.rootfs = await asyncio.to_thread(built_template_root, "base")
     work = Path(tempfile.mkdtemp(prefix="coppice-bench-"))
     runtime = LinuxRuntime(work / "data")
+    net_runtime = LinuxRuntime(work / "data", network=True)
     roots: list[Path] = []
     jails: list[LinuxJail] = []
     try:
@@ -83,11 +86,14 @@ async def main() -> None:
         for _ in range(20):
             await host_true()
             await jail_true(warm)
+        warm_root = await mount_overlay(args.rootfs, work / "warm-net")
+        roots.append(warm_root)
+        jails.append(await net_runtime.start(f"bench{uuid.uuid4().hex[:12]}", warm_root, Limits()))
 
         floor = [await timed(host_true) for _ in range(args.execs)]
         in_jail = [await timed(lambda: jail_true(warm)) for _ in range(args.execs)]
 
-        mounts, starts, creates, stops = [], [], [], []
+        mounts, starts, creates, stops, net_creates = [], [], [], [], []
         for i in range(args.runs):
             t0 = time.perf_counter()
             root = await mount_overlay(args.rootfs, work / f"sb{i}")
@@ -99,11 +105,16 @@ async def main() -> None:
             mounts.append((t1 - t0) * 1000)
             starts.append((t2 - t1) * 1000)
             creates.append((t2 - t0) * 1000)
+            t0 = time.perf_counter()
+            root = await mount_overlay(args.rootfs, work / f"net{i}")
+            roots.append(root)
+            jails.append(await net_runtime.start(f"bench{uuid.uuid4().hex[:12]}", root, Limits()))
+            net_creates.append((time.perf_counter() - t0) * 1000)
         await asyncio.sleep(0.5)  # let the jails settle into idleness
-        costs = [await asyncio.to_thread(idle_cost, jail) for jail in jails[1:]]
-        for jail in jails[1:]:
+        costs = [await asyncio.to_thread(idle_cost, jail) for jail in jails[2::2]]
+        for jail in jails[2:]:
             stops.append(await timed(jail.stop))
-        del jails[1:]
+        del jails[2:]
 
         def row(name: str, samples: list[float], target: str) -> str:
             p50, p95 = statistics.median(samples), percentile(samples, 0.95)
@@ -117,6 +128,9 @@ async def main() -> None:
         print(row(f"overlay mount ({len(mounts)})", mounts, "(storage helper's part)"))
         print(row(f"jail start, exec possible ({len(starts)})", starts, ""))
         print(row(f"create = mount + start ({len(creates)})", creates, "p50 <= 30 ms"))
+        print(row(f"  the same, own netns ({len(net_creates)})", net_creates, "p50 <= 30 ms"))
+        ratio = statistics.median(net_creates) / statistics.median(creates)
+        print(f"{'  own netns / host network':<34} {ratio:>8.2f}x")
         print(row(f"stop ({len(stops)})", stops, "p50 <= 50 ms (with storage destroy)"))
         mib = 1024 * 1024
         rss, pss, charged = (statistics.median(c[i] for c in costs) / mib for i in range(3))
@@ -127,6 +141,7 @@ async def main() -> None:
     finally:
         for jail in jails:
             await jail.stop()
+        await net_runtime.close()
         for root in roots:
             umount = await asyncio.create_subprocess_exec("umount", "--lazy", str(root))
             await umount.wait()
