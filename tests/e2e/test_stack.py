@@ -10,7 +10,6 @@ import urllib.request
 
 from e2b import Sandbox
 from fixtures import REPO
-from fixtures.dns import WildcardDns
 from fixtures.stack import COPPICE, Stack
 
 NODE_DIR = REPO / "tests" / "node"
@@ -93,29 +92,6 @@ def test_example_01_commands_and_files(coppice_stack: Stack) -> None:
     assert "[4] list: ['hello.txt']" in out
     assert "[6] killed: True" in out
     assert "[7] as root: root" in out
-
-
-def test_example_02_persistent_kernel_prints_the_seed_transcript(
-    coppice_stack: Stack, wildcard_dns: WildcardDns
-) -> None:
-    """Where *.coppice.lan resolves (our `coppice dns`, in a private mount namespace); its failing
-    DNS preflight is in tests/e2e/test_wildcard_dns.py."""
-    result = wildcard_dns.run(
-        [sys.executable, "examples/02-persistent-kernel.py"],
-        env={**os.environ, **coppice_stack.sdk_env()},
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    lines = result.stdout.splitlines()
-    assert lines[0] == "dns: api.coppice.lan -> 127.0.0.1"
-    assert lines[1].startswith("sandbox id: ")
-    assert lines[2] == "[1] x = 42 stdout=[] results=0"
-    assert lines[3] == "[2] print(x) stdout='42'"
-    assert lines[4] == "[3] numpy result text='array([1, 2, 3])'"
-    assert lines[5] == "[4] np still there text='60'"
-    assert lines[6].startswith("[5] kernel restarted via Sandbox.restart_code_context(")
-    assert lines[7] == "[6] print(x) after restart error.name='NameError'"
-    assert lines[8] == "ok"
 
 
 def test_node_sdk_commands_files_and_kill(coppice_stack: Stack) -> None:

@@ -191,3 +191,31 @@ def test_the_keys_are_private(tls_stack: Stack) -> None:
     tls = tls_stack.data_dir / "tls"
     for key in ("ca-key.pem", "server-key.pem"):
         assert (tls / key).stat().st_mode & 0o777 == 0o600
+
+
+def test_example_02_persistent_kernel_prints_the_seed_transcript(
+    tls_stack: Stack, wildcard_dns: WildcardDns
+) -> None:
+    """With only `coppice env --tls` (no override, no E2B_DEBUG) where *.coppice.lan resolves;
+    its failing DNS preflight is in tests/e2e/test_wildcard_dns.py."""
+    result = wildcard_dns.run(
+        [sys.executable, "examples/02-persistent-kernel.py"],
+        env=_client_environ(_coppice_env(tls_stack)),
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == [
+        "dns: api.coppice.lan -> 127.0.0.1",
+        *result.stdout.splitlines()[1:2],
+        "[1] x = 42 stdout=[] results=0",
+        "[2] print(x) stdout='42'",
+        "[3] numpy result text='array([1, 2, 3])'",
+        "[4] np still there text='60'",
+        *result.stdout.splitlines()[6:7],
+        "[6] print(x) after restart error.name='NameError'",
+        "ok",
+    ]
+    assert result.stdout.splitlines()[1].startswith("sandbox id: ")
+    assert result.stdout.splitlines()[6].startswith(
+        "[5] kernel restarted via Sandbox.restart_code_context("
+    )
