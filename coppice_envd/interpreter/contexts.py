@@ -35,6 +35,8 @@ from coppice_envd.sandboxes import SandboxView
 from coppice_jails.runtime.base import Jail, JailError, User
 from coppice_jails.users import UnknownUser
 
+KERNEL_USER = "root"
+
 log = logging.getLogger(__name__)
 
 
@@ -362,20 +364,22 @@ class SandboxContexts:
         self.defaults: dict[str, Context] = {}
         self._defaults_lock = asyncio.Lock()
         self._defaults_made = False
-        self._user: User | None = None
+        self._users: dict[str | None, User] = {}
 
-    async def user(self) -> User:
-        """The user kernels run as: the default user, whoever calls (resolved as for a request
-        without Basic auth; until found, every call looks again)."""
-        if self._user is None:
+    async def user(self, name: str | None = None) -> User:
+        """The user `name` of the sandbox, or its default user (resolved as for a request
+        without Basic auth); until found, every call looks again."""
+        if name not in self._users:
             try:
-                self._user = await RequestScope(self.view, basic_user=None).user()
+                self._users[name] = await RequestScope(self.view, basic_user=name).user()
             except UnknownUser as err:
                 raise KernelStartError(str(err)) from None
-        return self._user
+        return self._users[name]
 
     async def start_kernel(self, context: Context) -> Kernel:
-        user = await self.user()
+        # As upstream's Jupyter server, whose kernels run as root (its systemd unit names no
+        # user); the default cwd is still the default user's (default_cwd).
+        user = await self.user(KERNEL_USER)
         base = {**self.view.process_env(user), "SHELL": "/bin/bash", "LANG": "C.UTF-8"}
         env = {**base, **self.view.env_vars}  # the sandbox's own variables still win
         kernel = await Kernel.start(

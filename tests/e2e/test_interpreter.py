@@ -483,3 +483,14 @@ def test_node_sdk(jails: Jails, gateway: RunningGateway) -> None:
         "timedOut": True,
         "after": "43",
     }
+
+
+def test_kernels_run_as_root_in_the_default_user_s_home(sandbox: Sandbox) -> None:
+    """As upstream's Jupyter server (root, no User= in its unit): root's kernels, the default
+    context's cwd the sandbox user's home, and a context may start where only root can go."""
+    execution = sandbox.run_code("import getpass, os; (getpass.getuser(), os.getcwd())")
+    assert execution.error is None, execution.error
+    assert execution.text == "('root', '/home/user')"
+    context = sandbox.create_code_context(language="python", cwd="/root")
+    assert context.cwd == "/root"
+    assert sandbox.run_code("import os; os.getcwd()", context=context).text == "/root"
