@@ -47,6 +47,7 @@ from coppice_envd.routing import (
     RoutingError,
     is_api_host,
     route_request,
+    sandbox_from_host,
     traffic_refusal,
 )
 from coppice_envd.sandboxes import SandboxLookup, SandboxStates
@@ -214,10 +215,14 @@ class Gateway:
         try:
             await self._serve(scope, receive, tracking_send, headers, response)
         except ResponseCut:
-            # hypercorn ends a response that stops short with a clean close (FIN), which some
-            # SDK versions read as a protocol error, not a lost connection: reset it (HTTP/1.1,
-            # one response per connection at a time; h2 resets just the stream).
-            if str(scope.get("http_version", "1.1")).startswith("1"):
+            # hypercorn ends a response that stops short with a clean close (FIN) over HTTP/1.1,
+            # which some SDK versions read as a protocol error, not a lost connection; over h2 it
+            # just forgets the stream (no RST_STREAM), and the client waits out its timeout. So
+            # the connection is reset: over HTTP/1.1 it carries this one response; over h2 only
+            # when the Host names this sandbox, as SDK clients keep one connection per host name
+            # (a connection to one origin for every sandbox, E2B_SANDBOX_URL, is left alone).
+            http1 = str(scope.get("http_version", "1.1")).startswith("1")
+            if http1 or sandbox_from_host(headers.get("host", "")) is not None:
                 await asyncio.to_thread(_reset_connection, scope.get("client"), scope.get("server"))
         except ConnectError as e:
             if e.code != Code.CANCELED:  # a client that left is no failure of ours

@@ -31,6 +31,20 @@ with Sandbox.create(template="base", timeout=60) as sandbox:
     sandbox.files.write("/home/user/tls.txt", "over tls")
     print(sandbox.files.read("/home/user/tls.txt"))
 """
+# Over h2 (TLS, the SDK's choice by ALPN) a cut response must drop its connection too, or the
+# SDK waits out its request timeout instead of learning that the sandbox was killed.
+KILLED_DURING_RUN = """
+import time
+from e2b import Sandbox, TimeoutException
+sandbox = Sandbox.create(template="base", timeout=60)
+command = sandbox.commands.run("sleep 60", background=True)
+sandbox.kill()
+started = time.monotonic()
+try:
+    command.wait()
+except TimeoutException as error:
+    print(f"{time.monotonic() - started < 20} {error}")
+"""
 # The whole flow of the issue: ... and a server in the sandbox reached at get_host(port).
 FULL_FLOW = """
 import json, time, urllib.request
@@ -126,6 +140,15 @@ def test_python_real_urls_commands_files_code_and_get_host(
         "stdout": "py-42\n", "read": "via wildcard dns", "result": "42", "status": 200,
         "listed": True,
     }  # fmt: skip
+
+
+def test_a_sandbox_killed_during_a_command_is_reported_as_killed_over_h2(
+    tls_stack: Stack, wildcard_dns: WildcardDns
+) -> None:
+    result = _run_client(wildcard_dns, _coppice_env(tls_stack), KILLED_DURING_RUN)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("True "), result.stdout
+    assert "sandbox was killed or reached its end of life" in result.stdout
 
 
 def test_node_real_urls_commands_files_code_and_get_host(

@@ -845,7 +845,8 @@ async def test_a_stopped_jail_leaves_no_network_behind(
     net_runtime: LinuxRuntime, make_root: MakeRoot, data_dir: Path
 ) -> None:
     jail = await net_runtime.start(new_id(), make_root(), Limits())
-    shown = subprocess.run(
+    shown = await asyncio.to_thread(
+        subprocess.run,
         ["ip", "-o", "-4", "addr", "show", "to", host_side(jail)],
         check=True,
         capture_output=True,
