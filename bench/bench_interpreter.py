@@ -13,6 +13,11 @@ tests' cached build), served by the real gateway (hypercorn) with the Interprete
   * the first `run_code` after a sandbox's jail is up (target <= 1.5 s): cold (the first request
     starts the kernel), pre-started (`Interpreter.sandbox_started` right after the jail starts,
     as the composition root does) and pre-started with the kernel already ready.
+With --idle-memory instead: an idle sandbox's host memory (its memory cgroup's charge, as
+bench_runtime.py reads it, and its processes' RSS/PSS) with only the python kernel started, then
+with every default context's kernel started (one per language present), and the difference against
+the added kernels' own RSS (issue 12: pre-started kernels may raise it by no more than that). The
+jail gets 2 GiB for it: a JVM next to Deno's two kernels does not fit in the default 512 MiB.
 Needs root.
 """
 
@@ -38,7 +43,7 @@ from coppice_envd.sandboxes import SandboxView
 from coppice_envd.server import build_gateway, run_servers, serve_gateway
 from coppice_envd.testing import StaticLookup
 from coppice_jails.runtime.base import Jail, Limits
-from coppice_jails.runtime.linux import LinuxRuntime
+from coppice_jails.runtime.linux import LinuxJail, LinuxRuntime
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -83,11 +88,11 @@ class Bench:
         self.jails: list[Jail] = []
         self.mounts: list[Path] = []
 
-    async def start_jail(self) -> SandboxView:
+    async def start_jail(self, limits: Limits | None = None) -> SandboxView:
         sandbox_id = "bench" + uuid.uuid4().hex[:10]
         merged = await mount_overlay(self.template_root, self.work / sandbox_id)
         self.mounts.append(merged)
-        jail = await self.runtime.start(sandbox_id, merged, Limits())
+        jail = await self.runtime.start(sandbox_id, merged, limits or Limits())
         self.jails.append(jail)
         view = SandboxView(sandbox_id=sandbox_id, jail=jail, access_token=None)
         self.lookup.sandboxes.append(view)
@@ -207,11 +212,80 @@ async def first_run(bench: Bench, client: Client, mode: str) -> tuple[float, flo
     return jail_seconds, first
 
 
+MIB = 1024 * 1024
+SETTLE_SECONDS = 3.0  # kernels finish their start-up imports and go idle
+
+
+def _kib_field(text: str, name: str) -> int:
+    return next(int(line.split()[1]) * 1024 for line in text.splitlines() if line.startswith(name))
+
+
+def sandbox_memory(jail: LinuxJail) -> tuple[int, dict[int, tuple[str, int, int]]]:
+    """(memory cgroup charge, {host pid: (command, RSS, PSS)} of each process but init)."""
+    group = Path(f"/sys/fs/cgroup/memory/coppice/{jail.sandbox_id}")
+    charged = int((group / "memory.usage_in_bytes").read_text())
+    processes: dict[int, tuple[str, int, int]] = {}
+    for pid in map(int, (group / "cgroup.procs").read_text().split()):
+        if pid == jail.init_pid:
+            continue
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            rss = _kib_field(Path(f"/proc/{pid}/status").read_text(), "VmRSS")
+            pss = _kib_field(Path(f"/proc/{pid}/smaps_rollup").read_text(), "Pss:")
+        except (OSError, StopIteration):  # gone meanwhile, or a zombie
+            continue
+        command = " ".join(a.decode(errors="replace") for a in argv[:3] if a)
+        processes[pid] = (" ".join(command.split())[:60], rss, pss)
+    return charged, processes
+
+
+def _print_memory(title: str, charged: int, processes: dict[int, tuple[str, int, int]]) -> None:
+    rss = sum(p[1] for p in processes.values())
+    pss = sum(p[2] for p in processes.values())
+    print(
+        f"{title}: cgroup {charged / MIB:.1f} MiB;"
+        f" processes RSS {rss / MIB:.1f}, PSS {pss / MIB:.1f}"
+    )
+    for pid, (command, p_rss, p_pss) in sorted(processes.items()):
+        print(f"  {pid:>8} RSS {p_rss / MIB:7.1f} PSS {p_pss / MIB:7.1f}  {command}")
+
+
+async def idle_memory(bench: Bench, samples: int) -> None:
+    """Idle host memory: python's kernel alone, then a default kernel per present language."""
+    for _ in range(samples):
+        view = await bench.start_jail(Limits(memory_bytes=2048 * MIB))
+        jail = view.jail
+        assert isinstance(jail, LinuxJail)
+        await bench.interpreter.sandbox_started(view, wait=True)
+        await asyncio.sleep(SETTLE_SECONDS)
+        charged_python, python_only = await asyncio.to_thread(sandbox_memory, jail)
+        contexts = await bench.contexts(view.sandbox_id)
+        languages = sorted(contexts.defaults)
+        for language in languages:
+            await contexts.defaults[language].ensure_started()
+        await asyncio.sleep(SETTLE_SECONDS)
+        charged_all, everything = await asyncio.to_thread(sandbox_memory, jail)
+        added = {pid: p for pid, p in everything.items() if pid not in python_only}
+        added_rss = sum(p[1] for p in added.values())
+        added_pss = sum(p[2] for p in added.values())
+        _print_memory("python kernel only", charged_python, python_only)
+        _print_memory(f"default kernels ({', '.join(languages)})", charged_all, everything)
+        raised = charged_all - charged_python
+        print(
+            f"cgroup charge raised {raised / MIB:.1f} MiB; the added kernels' own RSS"
+            f" {added_rss / MIB:.1f} MiB (PSS {added_pss / MIB:.1f}):"
+            f" {'within' if raised <= added_rss else 'ABOVE'} their RSS"
+        )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--template-root", type=Path, default=None)
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--starts", type=int, default=3)
+    parser.add_argument(
+        "--idle-memory", type=int, default=0, metavar="N", help="N idle-memory samples instead"
+    )
     args = parser.parse_args()
     template_root = args.template_root
     if template_root is None:
@@ -232,6 +306,15 @@ async def main() -> None:
             await stop.wait()
 
         server = asyncio.create_task(serve_gateway(app, sockets=[sock], shutdown_trigger=stopped))
+        if args.idle_memory:
+            try:
+                await idle_memory(bench, args.idle_memory)
+            finally:
+                await bench.close()
+                stop.set()
+                await server
+                sock.close()
+            return
         client = await Client.start(url)
         try:
             rows: list[tuple[str, list[float]]] = []
