@@ -245,11 +245,8 @@ class Gateway:
             and "origin" in headers
             and "access-control-request-method" in headers
         )
-        server = scope.get("server")
         try:
-            route = route_request(headers, server[1] if server else None, self._lookup)
-            if route.sandbox.sandbox_id in self._ending:
-                raise RoutingError(SANDBOX_NOT_FOUND, route.sandbox.sandbox_id)
+            route = self._route(scope, headers)
         except RoutingError as e:
             if preflight:
                 await _preflight(send, headers)
@@ -311,6 +308,15 @@ class Gateway:
             HTTPRequest.from_asgi(scope, receive, headers, request_scope), send
         )
 
+    def _route(self, scope: Scope, headers: dict[str, str]) -> Route:
+        """The live sandbox and port a request is for; RoutingError when none (a sandbox being
+        killed counts as gone)."""
+        server = scope.get("server")
+        route = route_request(headers, server[1] if server else None, self._lookup)
+        if route.sandbox.sandbox_id in self._ending:
+            raise RoutingError(SANDBOX_NOT_FOUND, route.sandbox.sandbox_id)
+        return route
+
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A WebSocket: to the API, or to a sandbox's proxied port (envd serves none)."""
         headers = request_headers(scope)
@@ -318,11 +324,8 @@ class Gateway:
             if self._for_api(headers):
                 await self._serve_api(scope, receive, send)
                 return
-            server = scope.get("server")
             try:
-                route = route_request(headers, server[1] if server else None, self._lookup)
-                if route.sandbox.sandbox_id in self._ending:
-                    raise RoutingError(SANDBOX_NOT_FOUND, route.sandbox.sandbox_id)
+                route = self._route(scope, headers)
             except RoutingError as e:
                 await _refuse(scope, send, 502, e.body())
                 return
