@@ -129,17 +129,25 @@ def test_the_python_sdk_runs_a_command_and_holds_files_over_tls(
     assert result.stdout == "ok\nover tls\n"
 
 
+def _assert_full_flow(
+    result: subprocess.CompletedProcess[str], stack: Stack, command_stdout: str
+) -> None:
+    """What FULL_FLOW and real_urls.mjs print: every step's result, and the get_host name."""
+    flow = _flow_result(result)
+    host = str(flow.pop("host"))
+    assert host.startswith("8001-")
+    assert host.endswith(f".coppice.lan:{stack.tls_port}")
+    assert flow == {
+        "stdout": command_stdout, "read": "via wildcard dns", "result": "42", "status": 200,
+        "listed": True,
+    }  # fmt: skip
+
+
 def test_python_real_urls_commands_files_code_and_get_host(
     tls_stack: Stack, wildcard_dns: WildcardDns
 ) -> None:
-    flow = _flow_result(_run_client(wildcard_dns, _coppice_env(tls_stack), FULL_FLOW))
-    host = str(flow.pop("host"))
-    assert host.startswith("8001-")
-    assert host.endswith(f".coppice.lan:{tls_stack.tls_port}")
-    assert flow == {
-        "stdout": "py-42\n", "read": "via wildcard dns", "result": "42", "status": 200,
-        "listed": True,
-    }  # fmt: skip
+    result = _run_client(wildcard_dns, _coppice_env(tls_stack), FULL_FLOW)
+    _assert_full_flow(result, tls_stack, "py-42\n")
 
 
 def test_a_sandbox_killed_during_a_command_is_reported_as_killed_over_h2(
@@ -159,14 +167,7 @@ def test_node_real_urls_commands_files_code_and_get_host(
         cwd=REPO / "tests" / "node",
         env=_client_environ(_coppice_env(tls_stack)),
     )
-    flow = _flow_result(result)
-    host = str(flow.pop("host"))
-    assert host.startswith("8001-")
-    assert host.endswith(f".coppice.lan:{tls_stack.tls_port}")
-    assert flow == {
-        "stdout": "node-42\n", "read": "via wildcard dns", "result": "42", "status": 200,
-        "listed": True,
-    }  # fmt: skip
+    _assert_full_flow(result, tls_stack, "node-42\n")
 
 
 def test_the_node_sdk_trusts_our_ca_by_node_extra_ca_certs(
