@@ -23,12 +23,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pyqwest
-from benchlib import percentile
+from benchlib import percentile, timed_calls
 
 from coppice_envd.http.asgi import Receive, Scope, Send, send_json
 from coppice_envd.server import build_gateway, run_servers, serve_gateway
@@ -68,22 +67,6 @@ def serve(root: Path, port_file: Path) -> None:
     sock.listen(128)
     port_file.write_text(str(sock.getsockname()[1]))
     run_servers(serve_gateway(app, sockets=[sock]))
-
-
-def timed_calls(n: int, *calls: Callable[[], object], rounds: int = 5) -> list[list[float]]:
-    """n timings (ms) of each call: in rounds of back-to-back calls, so that the drifting load of
-    a shared machine hits every call alike."""
-    for call in calls:
-        for _ in range(min(100, n)):
-            call()  # warm up
-    samples: list[list[float]] = [[] for _ in calls]
-    for _ in range(rounds):
-        for call, timings in zip(calls, samples, strict=True):
-            for _ in range(max(1, n // rounds)):
-                started = time.perf_counter()
-                call()
-                timings.append((time.perf_counter() - started) * 1000)
-    return samples
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pyqwest
-from benchlib import percentile
+from benchlib import percentile, timed_calls
 
 from coppice_envd.http.asgi import Receive, Scope, Send, send_response
 from coppice_envd.server import build_gateway, run_servers, serve_gateway
@@ -84,21 +84,6 @@ def _start(*args: str, port_file: Path) -> tuple[subprocess.Popen[bytes], int]:
         time.sleep(0.05)
     process.kill()
     raise SystemExit(f"{args[0]} did not start")
-
-
-def timed_calls(n: int, *calls: Callable[[], object], rounds: int = 10) -> list[list[float]]:
-    """n timings (ms) of each call, in interleaved rounds so the machine's drift hits all alike."""
-    for call in calls:
-        for _ in range(min(200, n)):
-            call()
-    samples: list[list[float]] = [[] for _ in calls]
-    for _ in range(rounds):
-        for call, timings in zip(calls, samples, strict=True):
-            for _ in range(max(1, n // rounds)):
-                started = time.perf_counter()
-                call()
-                timings.append((time.perf_counter() - started) * 1000)
-    return samples
 
 
 def main() -> None:
@@ -167,7 +152,8 @@ def run(ports: dict[str, int], gateway_port: int, calls: int) -> None:
             f"{gateway}/file.txt", f"{ports['1.0']}-bench.coppice.lan"
         ),
     }
-    samples = dict(zip(calls_by_name, timed_calls(calls, *calls_by_name.values()), strict=True))
+    rounds = timed_calls(calls, *calls_by_name.values(), rounds=10, warmup=200)
+    samples = dict(zip(calls_by_name, rounds, strict=True))
     p50 = {name: statistics.median(timings) for name, timings in samples.items()}
     width = max(map(len, samples))
     print(f"{'measurement':<{width}}  {'p50':>8}  {'p99':>8}  note")
