@@ -152,8 +152,8 @@ def run(ports: dict[str, int], gateway_port: int, calls: int) -> None:
             f"{gateway}/file.txt", f"{ports['1.0']}-bench.coppice.lan"
         ),
     }
-    rounds = timed_calls(calls, *calls_by_name.values(), rounds=10, warmup=200)
-    samples = dict(zip(calls_by_name, rounds, strict=True))
+    per_call = timed_calls(calls, *calls_by_name.values(), rounds=10, warmup=200)
+    samples = dict(zip(calls_by_name, per_call, strict=True))
     p50 = {name: statistics.median(timings) for name, timings in samples.items()}
     width = max(map(len, samples))
     print(f"{'measurement':<{width}}  {'p50':>8}  {'p99':>8}  note")
